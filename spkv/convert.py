@@ -1,0 +1,149 @@
+"""Turn a pretrained Hugging Face causal LM into an SP-KV model.
+
+Conversion attaches a UtilityPredictor as a submodule of each gated attention module, registers a
+forward pre-hook that scores the attention input, and switches the model to the "spkv" attention
+implementation. No model class is patched: everything goes through transformers' attention and
+mask interfaces and ordinary PyTorch hooks.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from . import attention
+from .config import SPKVConfig
+from .predictor import UtilityPredictor
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+
+
+def is_converted(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "spkv_config", None), SPKVConfig)
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"spkv does not support model_type {model_type!r} ({type(model).__name__}). "
+            f"Supported: {', '.join(SUPPORTED_MODEL_TYPES)} (causal LM classes, e.g. LlamaForCausalLM, "
+            "Gemma3ForCausalLM for Gemma 3 text)."
+        )
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no `model.layers`: pass the *ForCausalLM model, not its backbone.")
+    return layers
+
+
+def full_attention_layers(hf_config: Any) -> list[int]:
+    """Layers with global attention; sliding-window layers already bound their cache and stay as they are."""
+    n = hf_config.num_hidden_layers
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types:
+        return [i for i, t in enumerate(layer_types) if t == "full_attention"]
+    if getattr(hf_config, "sliding_window", None):  # Mistral-style: every layer slides
+        return []
+    return list(range(n))
+
+
+def predictors(model: nn.Module) -> dict[int, UtilityPredictor]:
+    """layer index -> predictor of every gated layer."""
+    out = {}
+    for i, layer in enumerate(model.model.layers):
+        p = getattr(layer.self_attn, "spkv_predictor", None)
+        if p is not None:
+            out[i] = p
+    return out
+
+
+def _predictor_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Scores the attention input and hands the gate logits [B, T, Hkv] to the attention function."""
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    predictor: UtilityPredictor = module.spkv_predictor
+    logits = predictor(hidden)
+    if predictor.recording is not None:
+        predictor.recording[module.layer_idx] = logits
+    cache = kwargs.get("past_key_values")
+    stage = getattr(cache, "spkv_stage_gates", None)
+    if stage is not None:
+        # The compressed cache takes the new tokens' gates now: its update() decides what to keep.
+        stage(module.layer_idx, logits)
+    kwargs["spkv_gate_logits"] = logits
+    return args, kwargs
+
+
+def convert(model: nn.Module, config: SPKVConfig | None = None) -> nn.Module:
+    """Attach utility predictors and route attention through SP-KV. Returns the same model.
+
+    Converting an already converted model raises: a second wrap would gate twice.
+    """
+    config = config or SPKVConfig()
+    if is_converted(model):
+        raise ValueError("This model is already converted to SP-KV; use spkv.update_config() to change its settings.")
+    layers = _decoder_layers(model)
+    hf_config = model.config
+    full = full_attention_layers(hf_config)
+    gated = config.layers if config.layers is not None else full
+    if not gated:
+        raise ValueError(f"{type(model).__name__} has no full-attention layer to gate (all layers are sliding-window).")
+    bad = [i for i in gated if i not in full]
+    if bad:
+        raise ValueError(
+            f"SPKVConfig.layers {bad} are not full-attention layers of this model "
+            f"(it has {len(layers)} layers; full-attention ones: {full})."
+        )
+    config = config.replace(layers=list(gated))
+
+    attention.register()
+    for i in gated:
+        attn = layers[i].self_attn
+        ref = attn.k_proj.weight
+        kv_heads = attn.k_proj.out_features // attn.head_dim
+        predictor = UtilityPredictor(hf_config.hidden_size, kv_heads, config).to(device=ref.device, dtype=ref.dtype)
+        attn.spkv_predictor = predictor
+        attn.register_forward_pre_hook(_predictor_hook, with_kwargs=True)
+    model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
+    model.spkv_config = config
+    return model
+
+
+def update_config(model: nn.Module, **changes: Any) -> SPKVConfig:
+    """Change settings of a converted model (threshold, phase, anneal_alpha, ...), validated."""
+    if not is_converted(model):
+        raise ValueError("This model is not an SP-KV model: call spkv.convert(model) or spkv.load_adapter(model, path) first.")
+    for frozen in ("layers", "predictor_hidden", "bias_init"):
+        if frozen in changes and changes[frozen] != getattr(model.spkv_config, frozen):
+            raise ValueError(f"SPKVConfig.{frozen} is fixed at conversion; convert a fresh model to change it.")
+    new = model.spkv_config.replace(**changes)
+    model.spkv_config = new
+    for p in predictors(model).values():
+        p.config = new
+    return new
+
+
+def set_threshold(model: nn.Module, threshold: float) -> SPKVConfig:
+    """Deploy-time tau: no retraining, higher tau keeps fewer pairs."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+    return update_config(model, threshold=float(threshold))
+
+
+@contextmanager
+def record_gates(model: nn.Module) -> Iterator[dict[int, torch.Tensor]]:
+    """Collect each gated layer's gate logits [B, T, Hkv] during the forward passes inside the block.
+
+    The tensors keep their autograd graph, so a training loss (e.g. a density regulariser) can use them.
+    """
+    record: dict[int, torch.Tensor] = {}
+    preds = predictors(model).values()
+    for p in preds:
+        p.recording = record
+    try:
+        yield record
+    finally:
+        for p in preds:
+            p.recording = None

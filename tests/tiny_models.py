@@ -1,0 +1,58 @@
+"""Tiny random-weight models of every supported family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+VOCAB = 97
+_COMMON = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+
+
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> torch.nn.Module:
+    """A random model; GQA everywhere (4 query / 2 KV heads); Gemma 3 with 3 sliding + 1 full layer."""
+    torch.manual_seed(seed)
+    kw = {**_COMMON, **overrides}
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**kw))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(sliding_window=None, **kw))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**kw))
+    elif family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=8, **kw))
+    elif family == "gemma3":
+        kw.update(num_hidden_layers=overrides.get("num_hidden_layers", 4), head_dim=16)
+        kw.setdefault("sliding_window", 8)
+        kw.setdefault("layer_types", ["sliding_attention"] * (kw["num_hidden_layers"] - 1) + ["full_attention"])
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**kw))
+    else:
+        raise ValueError(family)
+    return model.to(dtype).eval()
+
+
+def batch(seed: int = 0, batch_size: int = 2, length: int = 40, left_pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids and an attention mask; row 1 gets `left_pad` padding tokens on the left."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch_size, length), generator=g)
+    mask = torch.ones_like(ids)
+    if left_pad:
+        ids[1, :left_pad] = 0
+        mask[1, :left_pad] = 0
+    return ids, mask
