@@ -44,6 +44,14 @@ def log_gate(gate_logits: torch.Tensor, config: SPKVConfig) -> torch.Tensor:
     return torch.log((1.0 - a) * torch.sigmoid(gate_logits) + a * keep.to(gate_logits.dtype))
 
 
+def window_bias(dist: torch.Tensor, window: int, gate: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """The SP-KV rule as an additive bias: 0 inside the window, the pair's log gate outside, -inf
+    where not visible. dist = query position - key position; all arguments broadcast together."""
+    inside = torch.zeros((), dtype=gate.dtype, device=gate.device)
+    bias = torch.where(dist < window, inside, gate)
+    return bias.masked_fill(~visible, float("-inf"))
+
+
 def gated_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -68,9 +76,7 @@ def gated_attention(
     groups = h // hkv
     q = query.view(b, hkv, groups, tq, d)
     k_pos = k_pos.expand(b, hkv, tk)
-    gate = key_log_gate.to(query.dtype)
-    neg_inf = torch.tensor(float("-inf"), dtype=query.dtype, device=query.device)
-    zero = torch.zeros((), dtype=query.dtype, device=query.device)
+    gate = key_log_gate.to(query.dtype).unsqueeze(2)
 
     block = max(1, min(tq, _BLOCK_ELEMENTS // max(1, b * h * tk)))
     outputs = []
@@ -81,8 +87,7 @@ def gated_attention(
         visible = dist >= 0
         if mask is not None:
             visible = visible & mask[:, :, start:stop]
-        bias = torch.where(dist < window, zero, gate.unsqueeze(2))
-        bias = torch.where(visible, bias, neg_inf)
+        bias = window_bias(dist, window, gate, visible)
         # Rows with nothing visible are padding queries: give them a finite (unused) result.
         empty = ~visible.any(dim=-1, keepdim=True)
         bias = bias.masked_fill(empty, 0.0)
@@ -108,16 +113,20 @@ def spkv_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     spkv_gate_logits: torch.Tensor | None = None,
+    spkv_cache_layer=None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function for converted models (registered as "spkv").
 
     Ungated layers (no predictor, e.g. Gemma 3's sliding ones) run plain sdpa. Gated layers get
-    their gate logits [B, Tk, Hkv] from the predictor hook (see convert.py).
+    their gate logits [B, Tk, Hkv] from the predictor hook (see convert.py); with the compressed
+    cache, attention runs over what the cache holds (cache.py), otherwise over the full sequence.
     """
     predictor = getattr(module, "spkv_predictor", None)
     if predictor is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if spkv_cache_layer is not None:
+        return spkv_cache_layer.attend(query, scaling), None
     if spkv_gate_logits is None:
         raise RuntimeError("SP-KV gated layer called without gate logits: was the model converted with spkv.convert()?")
     config: SPKVConfig = predictor.config

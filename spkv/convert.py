@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import attention
+from .cache import SPKVCache, default_cache_hook
 from .config import SPKVConfig
 from .predictor import UtilityPredictor
 
@@ -68,10 +69,9 @@ def _predictor_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
     if predictor.recording is not None:
         predictor.recording[module.layer_idx] = logits
     cache = kwargs.get("past_key_values")
-    stage = getattr(cache, "spkv_stage_gates", None)
-    if stage is not None:
-        # The compressed cache takes the new tokens' gates now: its update() decides what to keep.
-        stage(module.layer_idx, logits)
+    if isinstance(cache, SPKVCache):
+        # The compressed cache takes the new tokens' gates now, before this layer's update().
+        kwargs["spkv_cache_layer"] = cache.spkv_stage_gates(module.layer_idx, logits, predictor.config)
     kwargs["spkv_gate_logits"] = logits
     return args, kwargs
 
@@ -106,6 +106,7 @@ def convert(model: nn.Module, config: SPKVConfig | None = None) -> nn.Module:
         predictor = UtilityPredictor(hf_config.hidden_size, kv_heads, config).to(device=ref.device, dtype=ref.dtype)
         attn.spkv_predictor = predictor
         attn.register_forward_pre_hook(_predictor_hook, with_kwargs=True)
+    model.register_forward_pre_hook(default_cache_hook, with_kwargs=True)
     model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
     model.spkv_config = config
     return model

@@ -17,9 +17,10 @@ from spkv.convert import predictors
 from .tiny_models import FAMILIES, batch, tiny_model
 
 
-def logits(model, ids, mask):
+def logits(model, ids, mask, use_cache=False):
+    """use_cache=False: the full-sequence (training) path; True: the compressed cache in one prefill."""
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits
+        return model(input_ids=ids, attention_mask=mask, use_cache=use_cache).logits
 
 
 def assert_close_on_real_tokens(a, b, mask, tol=1e-5):
@@ -46,6 +47,7 @@ def test_threshold_zero_hard_equals_base(family, left_pad):
     spkv.convert(base, spkv.SPKVConfig(window=8, threshold=0.0, phase="hard"))
     randomize_gates(base)
     assert_close_on_real_tokens(logits(base, ids, mask), ref, mask)
+    assert_close_on_real_tokens(logits(base, ids, mask, use_cache=True), ref, mask)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -101,12 +103,14 @@ def test_hard_phase_matches_brute_force(family):
     spkv.convert(model, spkv.SPKVConfig(window=6, threshold=0.5, phase="hard"))
     randomize_gates(model, seed=3)
     ids, mask = batch(length=30, left_pad=4)
-    out = logits(model, ids, mask)
+    full_sequence = logits(model, ids, mask)
+    with_cache = logits(model, ids, mask, use_cache=True)
     AttentionInterface.register("spkv_reference", reference_attention)
     AttentionMaskInterface.register("spkv_reference", sdpa_mask)
     model.set_attn_implementation("spkv_reference")
     ref = logits(model, ids, mask)
-    assert_close_on_real_tokens(out, ref, mask)
+    assert_close_on_real_tokens(full_sequence, ref, mask)
+    assert_close_on_real_tokens(with_cache, ref, mask)
     with spkv.record_gates(model) as gates:
         logits(model, ids, mask)
     kept = torch.cat([spkv.attention.keep_decision(g, 0.5).flatten() for g in gates.values()]).float().mean()

@@ -1,0 +1,39 @@
+"""The scoring-policy interface: every method decides under the same rule.
+
+A pair is scored when it is written (and, for attention-based methods, re-scored by the attention it
+receives while in the local window). When it leaves the window the cache keeps it iff
+score >= threshold. Sink tokens are kept regardless; padding never.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+POLICIES: dict[str, type["ScoringPolicy"]] = {}
+
+
+@dataclass
+class ScoringPolicy:
+    """Base class. `threshold=None` means "the model's SP-KV threshold" (only SP-KV uses that)."""
+
+    threshold: float | None = 0.0
+    name: ClassVar[str] = "base"
+    # True when the score depends on attention received after writing: such a score is final only
+    # when the pair leaves the window, so it is exact token by token and approximate in prefill chunks.
+    needs_attention: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        POLICIES[cls.name] = cls
+
+    def score_new(self, keys: torch.Tensor, values: torch.Tensor, gate_logits: torch.Tensor | None) -> torch.Tensor:
+        """keys, values [B, Hkv, n, D]; gate_logits [B, n, Hkv] or None -> scores [B, Hkv, n]."""
+        raise NotImplementedError
+
+    def observe(self, scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """scores [B, Hkv, R] of the window's pairs; probs [B, Hkv, G, n, R]: the attention they just
+        received from the G query heads of each KV head's group and the n newest queries -> new scores."""
+        return scores

@@ -1,0 +1,17 @@
+"""StreamingLLM: sinks + the local window, nothing else (run it with sinks=4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import ScoringPolicy
+
+
+@dataclass
+class StreamingLLM(ScoringPolicy):
+    name = "streaming"
+
+    def score_new(self, keys, values, gate_logits):
+        return torch.full(keys.shape[:3], float("-inf"), device=keys.device)
