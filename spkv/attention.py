@@ -23,10 +23,6 @@ from .config import SPKVConfig
 
 ATTN_IMPLEMENTATION = "spkv"
 
-# Scores held at once per query block: bounds memory on long sequences (one layer, one block).
-_BLOCK_ELEMENTS = 2**25
-
-
 def keep_decision(gate_logits: torch.Tensor, threshold: float) -> torch.Tensor:
     """The write rule, u >= tau, in one place so training, cache and stats agree bit for bit."""
     return torch.sigmoid(gate_logits.float()) >= threshold
@@ -44,58 +40,59 @@ def log_gate(gate_logits: torch.Tensor, config: SPKVConfig) -> torch.Tensor:
     return torch.log((1.0 - a) * torch.sigmoid(gate_logits) + a * keep.to(gate_logits.dtype))
 
 
-def window_bias(dist: torch.Tensor, window: int, gate: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """The SP-KV rule as an additive bias: 0 inside the window, the pair's log gate outside, -inf
-    where not visible. dist = query position - key position; all arguments broadcast together."""
-    inside = torch.zeros((), dtype=gate.dtype, device=gate.device)
-    bias = torch.where(dist < window, inside, gate)
-    return bias.masked_fill(~visible, float("-inf"))
+def window_bias(dist: torch.Tensor, window: int, gate: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+    """The SP-KV rule as an additive bias, built in one pass over the output.
+
+    dist = query position - key position; gate: the keys' log gates; visible: optional extra
+    visibility (padding). All arguments broadcast together. Returns 0 inside the window, the key's
+    log gate outside it, -inf for future or invisible keys.
+    """
+    causal = torch.zeros(dist.shape, dtype=gate.dtype, device=gate.device).masked_fill(dist < 0, float("-inf"))
+    bias = torch.where(dist >= window, gate, causal)
+    return bias if visible is None else bias.masked_fill(~visible, float("-inf"))
 
 
 def gated_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    q_pos: torch.Tensor,
-    k_pos: torch.Tensor,
     key_log_gate: torch.Tensor,
     window: int,
     scaling: float | None,
     mask: torch.Tensor | None = None,
     dropout: float = 0.0,
+    block_size: int = 512,
 ) -> torch.Tensor:
-    """Attention under the SP-KV rule, computed in query blocks.
+    """Full-sequence attention under the SP-KV rule, in query blocks.
 
-    query [B, H, Tq, D]; key, value [B, Hkv, Tk, D]; q_pos [Tq]; k_pos broadcastable to
-    [B, Hkv, Tk] (an empty slot can carry a huge position: it is then never visible);
+    query [B, H, Tq, D] are the last Tq of the Tk tokens; key, value [B, Hkv, Tk, D];
     key_log_gate [B, Hkv, Tk]; mask: optional bool [B, 1, Tq, Tk] (True = may attend), e.g. padding.
-    Returns [B, Tq, H, D].
+    Each block scores only the keys up to its last query (the rest are in the future), so the work
+    is close to the causal triangle and one block's bias is alive at a time. The bias is per KV
+    head; the query heads of a group ride in the batch dimension of the sdpa call, so that one bias
+    serves the whole group without being copied. Returns [B, Tq, H, D].
     """
     b, h, tq, d = query.shape
     hkv, tk = key.shape[1], key.shape[2]
-    groups = h // hkv
-    q = query.view(b, hkv, groups, tq, d)
-    k_pos = k_pos.expand(b, hkv, tk)
-    gate = key_log_gate.to(query.dtype).unsqueeze(2)
-
-    block = max(1, min(tq, _BLOCK_ELEMENTS // max(1, b * h * tk)))
-    outputs = []
-    for start in range(0, tq, block):
-        stop = min(tq, start + block)
-        n = stop - start
-        dist = q_pos[start:stop].view(1, 1, n, 1) - k_pos.unsqueeze(2)  # [B, Hkv, n, Tk]
-        visible = dist >= 0
-        if mask is not None:
-            visible = visible & mask[:, :, start:stop]
-        bias = window_bias(dist, window, gate, visible)
-        # Rows with nothing visible are padding queries: give them a finite (unused) result.
-        empty = ~visible.any(dim=-1, keepdim=True)
-        bias = bias.masked_fill(empty, 0.0)
-        qb = q[:, :, :, start:stop].reshape(b, hkv, groups * n, d)
-        bias = bias.unsqueeze(2).expand(b, hkv, groups, n, tk).reshape(b, hkv, groups * n, tk)
-        out = F.scaled_dot_product_attention(qb, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling)
-        outputs.append(out.view(b, hkv, groups, n, d).reshape(b, h, n, d))
-    return torch.cat(outputs, dim=2).transpose(1, 2)
+    groups, offset = h // hkv, tk - tq
+    gate = key_log_gate.to(query.dtype).unsqueeze(2)  # [B, Hkv, 1, Tk]
+    positions = torch.arange(tk, device=query.device)
+    out = query.new_empty(b, tq, h, d)
+    for start in range(0, tq, block_size):
+        stop = min(tq, start + block_size)
+        n, end = stop - start, offset + stop  # keys [0, end) can be visible to this block
+        dist = positions[offset + start : end].view(n, 1) - positions[:end].view(1, end)  # [n, end]
+        visible = None if mask is None else mask[:, :, start:stop, :end]
+        bias = window_bias(dist, window, gate[..., :end], visible)  # [B, Hkv, n, end]
+        if visible is not None:  # padding queries see nothing: give them a finite, unused result
+            bias = bias.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
+        for bi in range(b):
+            q = query[bi, :, start:stop].view(hkv, groups, n, d).transpose(0, 1)  # [G, Hkv, n, D]
+            k = key[bi : bi + 1, :, :end].expand(groups, hkv, end, d)
+            v = value[bi : bi + 1, :, :end].expand(groups, hkv, end, d)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[bi : bi + 1], dropout_p=dropout, scale=scaling)
+            out[bi, start:stop] = o.transpose(0, 1).reshape(h, n, d).transpose(0, 1)
+    return out
 
 
 def _sink_mask(valid_keys: torch.Tensor, sinks: int) -> torch.Tensor:
@@ -142,9 +139,7 @@ def spkv_attention_forward(
     if config.sinks:
         valid = attention_mask[:, 0, -1, :] if attention_mask is not None else torch.ones_like(gate[:, 0], dtype=torch.bool)
         gate = gate.masked_fill(_sink_mask(valid, config.sinks).unsqueeze(1), 0.0)
-    k_pos = torch.arange(tk, device=query.device).view(1, 1, tk)
-    q_pos = torch.arange(tk - tq, tk, device=query.device)
-    out = gated_attention(query, key, value, q_pos, k_pos, gate, config.window, scaling, attention_mask, dropout)
+    out = gated_attention(query, key, value, gate, config.window, scaling, attention_mask, dropout)
     return out, None
 
 

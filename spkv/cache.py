@@ -121,7 +121,7 @@ class SPKVLayer(CacheLayerMixin):
         else:
             keep = self._keep(self.recent_score, self.recent_sink)
             gate = torch.zeros_like(self.recent_score).masked_fill(~keep, float("-inf"))
-        visible = (dist >= 0).view(1, 1, n, -1) & self.recent_valid.view(b, 1, 1, -1)
+        visible = self.recent_valid.view(b, 1, 1, -1)
         bias = window_bias(dist.view(1, 1, n, -1), self.window, gate.unsqueeze(2), visible)  # [B, Hkv, n, R]
         recent_scores = (q @ self.recent_k.unsqueeze(2).transpose(-1, -2)) * scaling + bias.unsqueeze(2).to(q.dtype)
 

@@ -125,11 +125,10 @@ def test_soft_gate_path_gradcheck():
     v = torch.randn(b, hkv, t, d, dtype=torch.float64, requires_grad=True)
     gate_logits = torch.randn(b, t, hkv, dtype=torch.float64, requires_grad=True)
     cfg = spkv.SPKVConfig(window=2, phase="soft")
-    pos = torch.arange(t)
 
     def f(q, k, v, gl):
         gate = log_gate(gl, cfg).transpose(1, 2)
-        return gated_attention(q, k, v, pos, pos.view(1, 1, t), gate, cfg.window, 1 / math.sqrt(d))
+        return gated_attention(q, k, v, gate, cfg.window, 1 / math.sqrt(d))
 
     assert torch.autograd.gradcheck(f, (q, k, v, gate_logits))
 
