@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 
 
@@ -73,10 +75,40 @@ def cmd_generate(args: argparse.Namespace) -> None:
         write_json(args.json, result)
 
 
+def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One --flag per dataclass field, typed from its annotation, so CLI and config cannot drift."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif typing.get_origin(hint) is list:
+            parser.add_argument(flag, nargs="+", default=default)
+        else:
+            base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+            parser.add_argument(flag, type=base, default=default)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from spkv.train import TrainConfig, train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    adapter = train(cfg, resume=args.resume, max_steps=args.max_steps)
+    if adapter.exists():
+        print(f"adapter saved to {adapter}")
+    else:
+        print(f"stopped early at --max-steps {args.max_steps}; continue with --resume")
+
+
 def cmd_data(args: argparse.Namespace) -> None:
     from spkv.data import build_corpus
+    from spkv.train import corpus_dir
 
-    out = build_corpus(args.out, heldout_fraction=args.heldout_fraction, seed=args.seed, skip_missing=args.skip_missing)
+    out = build_corpus(args.out or corpus_dir(), heldout_fraction=args.heldout_fraction, seed=args.seed, skip_missing=args.skip_missing)
     print(json.dumps(json.loads((out / "manifest.json").read_text()), indent=2))
 
 
@@ -98,8 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", help="write the report as JSON to this file")
     g.set_defaults(func=cmd_generate)
 
+    t = sub.add_parser("train", help="two-phase SP-KV training (or --control: the dense control)")
+    from spkv.train import TrainConfig
+
+    _add_dataclass_args(t, TrainConfig)
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same settings)")
+    t.add_argument("--max-steps", type=int, help="stop after this step (the schedule still spans --max-tokens)")
+    t.set_defaults(func=cmd_train)
+
     d = sub.add_parser("data", help="build the offline training/held-out corpus from packages")
-    d.add_argument("--out", default=".cache/corpus")
+    d.add_argument("--out", help="default: $SPKV_CORPUS or ~/.cache/spkv/corpus (where spkv train looks)")
     d.add_argument("--heldout-fraction", type=float, default=0.1)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--skip-missing", action="store_true")
@@ -111,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         raise SystemExit(f"error: {e}") from e
 
 

@@ -1,0 +1,347 @@
+"""SP-KV training: adapt a pretrained model so it learns when to write, from the next-token loss.
+
+Recipe (method.md): a soft phase (attention logits += log u outside the window) over the first
+(1 - hard_fraction) of a cosine schedule, then the predictor is frozen and the gate is annealed to
+the exact hard decision over `anneal_steps`, so the LLM adapts to the mask it will see at inference.
+`control=True` runs the identical recipe with no gates: the dense control quality is compared with.
+
+Runs on one CPU, or many processes/GPUs with `accelerate launch` (DDP; see README for FSDP).
+Checkpoints are atomic and `resume=True` continues with the same data order and schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .adapter import save_adapter
+from .config import SPKVConfig
+from .convert import convert, predictors, record_gates, update_config
+from .density import gate_density
+from .results import atomic_write_text
+
+TRAIN_LLM = ("all", "lora", "none")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TrainConfig:
+    model: str = "smollm2-135m"
+    data: list[str] = field(default_factory=lambda: ["default"])  # "default" = spkv data's train split
+    out: str = "runs/spkv"
+    control: bool = False  # dense control: same recipe, no gates
+    train_llm: str = "lora"  # what of the LLM trains besides the predictors: all | lora | none
+    lora_rank: int = 16
+    seq_len: int = 2048
+    batch_size: int = 4  # sequences per optimizer step, over all processes
+    max_tokens: int = 1_000_000
+    lr: float = 2e-4  # the LLM's (LoRA or full) peak learning rate
+    predictor_lr_mult: float = 5.0
+    predictor_weight_decay: float = 0.1
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    hard_fraction: float = 0.25  # last part of the schedule: predictor frozen, gate annealed to hard
+    anneal_steps: int = 200  # capped at the hard part's length
+    window: int = 128
+    threshold: float = 0.5
+    predictor_hidden: int = 64
+    density_target: float | None = None  # optional regulariser: penalise soft density above this
+    density_weight: float = 0.0
+    distill_weight: float = 0.0  # optional KL to the frozen original model
+    bf16: bool = True
+    seed: int = 0
+    checkpoint_every: int = 25
+    delta_rank: int | None = None  # train_llm="all": store weight changes as rank-r SVD (lossy) in the adapter
+
+    def __post_init__(self) -> None:
+        if self.train_llm not in TRAIN_LLM:
+            raise ValueError(f"TrainConfig.train_llm must be one of {TRAIN_LLM}, got {self.train_llm!r}")
+        if not 0.0 <= self.hard_fraction < 1.0:
+            raise ValueError(f"TrainConfig.hard_fraction must be in [0, 1), got {self.hard_fraction}")
+        if self.batch_size < 1 or self.seq_len < 2 or self.max_tokens < self.batch_size * self.seq_len:
+            raise ValueError("TrainConfig needs batch_size >= 1, seq_len >= 2 and max_tokens >= one batch of tokens")
+        if (self.density_target is None) != (self.density_weight == 0.0):
+            raise ValueError("Set both TrainConfig.density_target and density_weight (> 0), or neither")
+        if self.control and (self.density_weight or self.train_llm == "none"):
+            raise ValueError("The dense control has no gates: no density regulariser, and train_llm must not be 'none'")
+
+    @property
+    def total_steps(self) -> int:
+        return self.max_tokens // (self.batch_size * self.seq_len)
+
+
+# -- schedule -----------------------------------------------------------------------------------
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio over the whole run."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def phase_at(cfg: TrainConfig, step: int) -> tuple[str, float]:
+    """(phase, anneal_alpha) for an optimizer step."""
+    hard_start = round(cfg.total_steps * (1 - cfg.hard_fraction))
+    if step < hard_start:
+        return "soft", 0.0
+    anneal = max(1, min(cfg.anneal_steps, cfg.total_steps - hard_start))
+    alpha = min(1.0, (step - hard_start + 1) / anneal)
+    return ("hard", 1.0) if alpha >= 1.0 else ("anneal", alpha)
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def packed_sequences(cfg: TrainConfig, tokenizer: Any, cache_dir: Path) -> torch.Tensor:
+    """All training text tokenized and packed into [N, seq_len] (cached by a hash of the inputs)."""
+    from .data import iter_documents, pack_sequences
+
+    paths = [str(default_corpus() / "train.jsonl") if d == "default" else d for d in cfg.data]
+    key = hashlib.sha256(json.dumps([paths, cfg.seq_len, tokenizer.name_or_path, len(tokenizer)]).encode()).hexdigest()[:16]
+    cached = cache_dir / f"packed-{key}.pt"
+    if cached.exists():
+        return torch.load(cached)
+    docs = iter_documents(paths)
+    ids = (tokenizer(doc, add_special_tokens=False).input_ids for doc in tqdm(docs, desc="tokenizing", unit="doc"))
+    seqs = list(pack_sequences(ids, cfg.seq_len, eos_id=tokenizer.eos_token_id))
+    if not seqs:
+        raise ValueError(f"No full {cfg.seq_len}-token sequence in {paths}: give more text or a shorter --seq-len")
+    data = torch.tensor(seqs, dtype=torch.int32)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp")
+    torch.save(data, tmp)
+    os.replace(tmp, cached)
+    return data
+
+
+def corpus_dir() -> Path:
+    from .models import cache_root
+
+    return Path(os.environ.get("SPKV_CORPUS", cache_root() / "corpus"))
+
+
+def default_corpus() -> Path:
+    """The offline corpus built by `spkv data`; a clear error if it is missing."""
+    path = corpus_dir()
+    if not (path / "train.jsonl").exists():
+        raise FileNotFoundError(f"No corpus at {path}: build it with `spkv data --out {path}` (or pass --data FILES).")
+    return path
+
+
+def batch_indices(cfg: TrainConfig, n_sequences: int, step: int, rank: int, world: int) -> list[int]:
+    """The sequences of `step` for process `rank`: a fixed seeded order, so resuming replays exactly."""
+    order = np.random.default_rng(cfg.seed).permutation(n_sequences)
+    start = step * cfg.batch_size
+    return [int(order[(start + j) % n_sequences]) for j in range(rank, cfg.batch_size, world)]
+
+
+# -- model --------------------------------------------------------------------------------------
+
+
+def build_model(cfg: TrainConfig):
+    """(model, tokenizer, base_state, teacher). The model is converted unless this is the control."""
+    from .models import load_model
+
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(cfg.model)
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    teacher = None
+    if cfg.distill_weight:
+        teacher, _ = load_model(cfg.model)
+        teacher.requires_grad_(False)
+    if not cfg.control:
+        convert(model, SPKVConfig(window=cfg.window, threshold=cfg.threshold, phase="soft", predictor_hidden=cfg.predictor_hidden))
+    model.config.use_cache = False
+    if cfg.train_llm == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS))
+    elif cfg.train_llm == "none":
+        model.requires_grad_(False)
+    for p in _predictor_params(model):
+        p.requires_grad_(True)
+    model.train()
+    return model, tokenizer, base_state, teacher
+
+
+def _core(model: torch.nn.Module) -> torch.nn.Module:
+    """The underlying *ForCausalLM under DDP and peft wrappers."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _predictor_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for pred in predictors(_core(model)).values() for p in pred.parameters()]
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    pred = {id(p) for p in _predictor_params(model)}
+    llm = [p for p in model.parameters() if p.requires_grad and id(p) not in pred]
+    groups = [{"params": llm, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr}]
+    if pred:
+        lr = cfg.lr * cfg.predictor_lr_mult
+        groups.append({"params": _predictor_params(model), "lr": lr, "weight_decay": cfg.predictor_weight_decay, "base_lr": lr, "predictor": True})
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95))
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    names = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_parameters() if "spkv_predictor" in n}
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if n in names}
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, cfg: TrainConfig) -> None:
+    state = {
+        "step": step, "config": dataclasses.asdict(cfg), "model": _trainable_state(model), "optimizer": optimizer.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model, optimizer, cfg: TrainConfig) -> int:
+    state = torch.load(path, weights_only=False)
+    saved = TrainConfig(**state["config"])
+    differs = [f.name for f in dataclasses.fields(cfg) if f.name not in ("out", "checkpoint_every") and getattr(saved, f.name) != getattr(cfg, f.name)]
+    if differs:
+        raise ValueError(f"Checkpoint {path} was made with different settings ({', '.join(differs)}); resume with the same ones or use a new --out.")
+    missing = set(state["model"]) - {n for n, _ in model.named_parameters()}
+    if missing:
+        raise ValueError(f"Checkpoint {path} holds parameters this model lacks: {sorted(missing)[:3]}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["model"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    return state["step"]
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+
+def _step_loss(cfg: TrainConfig, model, teacher, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one micro-batch and its logged numbers (density at tau from the gates used)."""
+    core = _core(model)
+    with record_gates(core) if not cfg.control else nullcontext({}) as gates:
+        out = model(input_ids=input_ids, labels=input_ids, use_cache=False)
+    loss, stats = out.loss, {"ce": float(out.loss)}
+    if gates:
+        kept, counted = gate_density(gates, cfg.threshold, cfg.window)
+        stats["density"] = float((kept / counted.clamp(min=1)).mean())
+        if cfg.density_weight and core.spkv_config.phase == "soft":
+            soft_kept, soft_counted = gate_density(gates, cfg.threshold, cfg.window, soft=True)
+            soft_density = (soft_kept / soft_counted.clamp(min=1)).mean()
+            loss = loss + cfg.density_weight * F.relu(soft_density - cfg.density_target)
+            stats["soft_density"] = float(soft_density)
+    if teacher is not None:
+        with torch.no_grad():
+            target = F.log_softmax(teacher(input_ids=input_ids, use_cache=False).logits.float(), dim=-1)
+        kl = F.kl_div(F.log_softmax(out.logits.float(), dim=-1), target, log_target=True, reduction="batchmean") / input_ids.shape[1]
+        loss = loss + cfg.distill_weight * kl
+        stats["kl"] = float(kl)
+    return loss, stats
+
+
+def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) -> Path:
+    """Run (or resume) training; returns the adapter folder. max_steps stops early (for tests and
+    time-boxed runs): the schedule still spans the full token budget."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    accel = Accelerator(
+        mixed_precision="bf16" if cfg.bf16 else "no",
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],  # predictor frozen late
+    )
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt, log_path = out / "checkpoint.pt", out / "log.jsonl"
+    model, tokenizer, base_state, teacher = build_model(cfg)
+    with accel.main_process_first():
+        data = packed_sequences(cfg, tokenizer, out.parent / "packed")
+    optimizer = build_optimizer(cfg, model)
+    start = 0
+    if resume and ckpt.exists():
+        start = load_checkpoint(ckpt, model, optimizer, cfg)
+    elif not resume and ckpt.exists():
+        raise FileExistsError(f"{ckpt} exists: pass --resume to continue it, or choose another --out.")
+    model, optimizer = accel.prepare(model, optimizer)
+    if teacher is not None:
+        teacher.to(accel.device)
+    if accel.is_main_process:
+        atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    stop = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
+    bar = tqdm(total=cfg.total_steps, initial=start, desc="spkv control" if cfg.control else "spkv train",
+               disable=not accel.is_main_process, unit="step")
+    for step in range(start, stop):
+        phase, alpha = phase_at(cfg, step)
+        if not cfg.control:
+            update_config(_core(model), phase=phase, anneal_alpha=alpha)
+        for group in optimizer.param_groups:
+            frozen = group.get("predictor") and phase != "soft"  # the predictor is frozen after the soft phase
+            group["lr"] = 0.0 if frozen else group["base_lr"] * lr_factor(cfg, step)
+        t0 = time.perf_counter()
+        rows = batch_indices(cfg, len(data), step, accel.process_index, accel.num_processes)
+        logs: list[dict[str, float]] = []
+        for i, row in enumerate(rows):
+            input_ids = data[row : row + 1].long().to(accel.device)
+            sync = i == len(rows) - 1
+            with accel.no_sync(model) if not sync else nullcontext(), accel.autocast():
+                loss, stats = _step_loss(cfg, model, teacher, input_ids)
+                accel.backward(loss / len(rows))
+            logs.append(stats)
+        accel.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+        record = {k: float(np.mean([s[k] for s in logs])) for k in logs[0]}
+        record = {"step": step + 1, "phase": phase, "alpha": alpha, "lr": optimizer.param_groups[0]["lr"],
+                  "tokens": (step + 1) * cfg.batch_size * cfg.seq_len, "tokens_per_s": cfg.batch_size * cfg.seq_len / seconds, **record}
+        if accel.is_main_process:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix({k: f"{record[k]:.3g}" for k in ("ce", "density", "tokens_per_s") if k in record}, refresh=False)
+            bar.update(1)
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == stop:
+                save_checkpoint(ckpt, accel.unwrap_model(model), optimizer, step + 1, cfg)
+    bar.close()
+    accel.wait_for_everyone()
+    adapter = out / "adapter"
+    if accel.is_main_process and stop == cfg.total_steps:
+        export_adapter(cfg, accel.unwrap_model(model), base_state, adapter)
+    return adapter
+
+
+def export_adapter(cfg: TrainConfig, model: torch.nn.Module, base_state: dict[str, torch.Tensor], path: Path) -> Path:
+    """The deployable adapter: predictors + LLM weight changes (LoRA merged and stored exactly as rank-r factors)."""
+    rank = cfg.delta_rank
+    if cfg.train_llm == "lora":
+        model, rank = model.merge_and_unload(), cfg.lora_rank
+    if cfg.control:  # the control has no trained gates: it deploys dense (tau = 0 keeps every pair)
+        convert(model, SPKVConfig(window=cfg.window, threshold=0.0, predictor_hidden=cfg.predictor_hidden))
+    update_config(model, phase="hard", anneal_alpha=0.0)
+    meta = {"train_config": dataclasses.asdict(cfg), "tokens": cfg.total_steps * cfg.batch_size * cfg.seq_len, "steps": cfg.total_steps}
+    return save_adapter(model, path, base_state=base_state, delta_rank=rank, delta_dtype=torch.bfloat16 if rank else torch.float32, metadata=meta)
