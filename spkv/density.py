@@ -1,9 +1,9 @@
 """Density from a full-sequence forward's gates, as protocols.md defines it.
 
-A pair is out of window when it has left the window of the sequence's last query (s <= T-1-W); the
-density is the kept fraction of those pairs per (layer, KV head), then averaged over layers and heads.
-Padding and sink tokens are not counted. The cache's own counters (cache.cache_stats) use the same
-definition during real decoding.
+After T tokens, a pair is out of window when the next query's window no longer holds it (s <= T - W):
+that is when the cache has decided it. The density is the kept fraction of those pairs per (layer,
+KV head), then averaged over layers and heads. Padding and sink tokens are not counted. The cache's
+own counters (cache.cache_stats) count exactly the same pairs during real decoding.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from .attention import keep_decision
 
 
 def out_of_window_mask(length: int, window: int, attention_mask: torch.Tensor | None, sinks: int = 0) -> torch.Tensor:
-    """[B or 1, T] bool: real, non-sink tokens that have left the last query's window."""
+    """[B or 1, T] bool: real, non-sink tokens already decided after `length` tokens."""
     positions = torch.arange(length)
-    out = (positions <= length - 1 - window).unsqueeze(0)
+    out = (positions <= length - window).unsqueeze(0)
     if attention_mask is not None:
         valid = attention_mask.bool().cpu()
         rank = valid.long().cumsum(1) - 1

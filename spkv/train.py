@@ -247,7 +247,7 @@ def _step_loss(cfg: TrainConfig, model, teacher, input_ids: torch.Tensor) -> tup
     core = _core(model)
     with record_gates(core) if not cfg.control else nullcontext({}) as gates:
         out = model(input_ids=input_ids, labels=input_ids, use_cache=False)
-    loss, stats = out.loss, {"ce": float(out.loss)}
+    loss, stats = out.loss, {"ce": out.loss.item()}
     if gates:
         kept, counted = gate_density(gates, cfg.threshold, cfg.window)
         stats["density"] = float((kept / counted.clamp(min=1)).mean())

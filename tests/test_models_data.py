@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
 
 from spkv import data
 from spkv import models as spkv_models
 from spkv.data import Document, iter_documents, pack_sequences, split_documents
 from spkv.models import MODEL_ALIASES, ModelPackageMissing, load_model
+
+from .tiny_models import save_tiny_pretrained
 
 
 @pytest.mark.parametrize(
@@ -34,33 +35,14 @@ def test_missing_alias_package_names_install_command(alias, module, install, mon
     assert list((tmp_path / "models").iterdir()) == []  # no half-written cache left behind
 
 
-def _tiny_llama_dir(path: Path) -> Path:
-    vocab = {"<unk>": 0, "<eos>": 1, "hello": 2, "world": 3}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>").save_pretrained(path)
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        eos_token_id=1,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
-
-
 def test_local_path_passes_through(tmp_path):
-    directory = _tiny_llama_dir(tmp_path / "tiny")
+    directory = save_tiny_pretrained(tmp_path / "tiny")
     model, tokenizer = load_model(directory, dtype=torch.bfloat16)
     assert isinstance(model, LlamaForCausalLM)
     assert not model.training
     assert model.dtype == torch.bfloat16
     assert tokenizer.pad_token == "<eos>"  # filled in from eos because the tokenizer had none
-    assert tokenizer("hello world").input_ids == [2, 3]
+    assert tokenizer("w0 w1").input_ids == [2, 3]
 
 
 def test_cache_root_follows_env(monkeypatch, tmp_path):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     Gemma3ForCausalLM,
     Gemma3TextConfig,
@@ -13,6 +16,7 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
+    PreTrainedTokenizerFast,
     Qwen3ForCausalLM,
 )
 
@@ -56,3 +60,16 @@ def batch(seed: int = 0, batch_size: int = 2, length: int = 40, left_pad: int = 
         ids[1, :left_pad] = 0
         mask[1, :left_pad] = 0
     return ids, mask
+
+
+def save_tiny_pretrained(path: Path, words: int = 60, seed: int = 0, **config) -> Path:
+    """A loadable checkpoint folder: a tiny random Llama and a word-level tokenizer ("w0" ... "wN")."""
+    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>").save_pretrained(path)
+    kw = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, eos_token_id=1, max_position_embeddings=512)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(**{**kw, **config})).save_pretrained(path)
+    return path

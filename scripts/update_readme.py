@@ -1,0 +1,49 @@
+"""Regenerate the README's result tables from the result files (never typed by hand).
+
+Each block between `<!-- results:NAME -->` and `<!-- /results:NAME -->` in README.md is replaced by
+the markdown file BLOCKS[NAME], plus a link to its JSON (which carries command, commit and machine).
+Run: .venv/bin/python scripts/update_readme.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from spkv.results import atomic_write_text  # noqa: E402
+
+BLOCKS = {
+    "train": ("results/train/nll_sweep.md", "results/train/nll_sweep.json"),
+    "core": ("results/core/core_report.md", "results/core/core_report.json"),
+    "decode": ("results/bench/decode.md", "results/bench/decode.json"),
+    "prefill": ("results/bench/prefill.md", "results/bench/prefill.json"),
+}
+
+
+def block(name: str) -> str:
+    md, js = (ROOT / p for p in BLOCKS[name])
+    if not md.exists():
+        return f"_No result yet: `{BLOCKS[name][0]}` has not been produced._"
+    prov = json.loads(js.read_text()).get("provenance", {}) if js.exists() else {}
+    source = f"Source: [`{BLOCKS[name][1]}`]({BLOCKS[name][1]})"
+    if prov:
+        source += f" — `{prov.get('command', '?')}` at commit `{str(prov.get('commit', '?'))[:12]}`, {prov.get('date', '?')}"
+    return md.read_text().strip() + "\n\n" + source
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    for name in BLOCKS:
+        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
+        text = pattern.sub(lambda m: m.group(1) + block(name) + m.group(2), text)
+    atomic_write_text(readme, text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Held-out quality and density: the numbers users choose a KV-compression method by.
+
+SP-KV is measured with the full-sequence hard-phase forward, which the tests prove equal to real
+chunked-prefill + decoding with the compressed cache; post-hoc baselines run through the real cache
+with their scoring policy (4 sinks, the same window), so each sees what it would see when decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .cache import SPKVCache, cache_stats
+from .convert import is_converted, record_gates
+from .density import gate_density
+from .policies import ScoringPolicy
+
+
+@dataclass
+class HeldoutSet:
+    """One sequence per held-out document (its first seq_len tokens), so density is per document."""
+
+    input_ids: torch.Tensor  # [N, seq_len]
+    doc_ids: list[str]
+    sources: list[str]
+
+
+def heldout_set(tokenizer: Any, seq_len: int = 2048, max_sequences: int = 16, corpus: str | Path | None = None) -> HeldoutSet:
+    from .train import default_corpus
+
+    path = Path(corpus) if corpus else default_corpus() / "heldout.jsonl"
+    rows, ids, sources = [], [], []
+    with path.open(encoding="utf-8") as lines:
+        for line in lines:
+            doc = json.loads(line)
+            tokens = tokenizer(doc["text"], add_special_tokens=False).input_ids
+            if len(tokens) >= seq_len:
+                rows.append(tokens[:seq_len])
+                ids.append(doc["id"])
+                sources.append(doc.get("source", ""))
+            if len(rows) == max_sequences:
+                break
+    if not rows:
+        raise ValueError(f"No held-out document in {path} has {seq_len} tokens: lower --seq-len.")
+    return HeldoutSet(torch.tensor(rows), ids, sources)
+
+
+def _token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL per sequence: logits [B, T, V], ids [B, T] -> [B]."""
+    loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
+    return loss.mean(dim=1)
+
+
+@dataclass
+class NLLResult:
+    nll: float  # mean over sequences of the mean token NLL
+    nll_per_sequence: list[float]
+    density: float | None = None  # mean over layers x heads (protocols.md)
+    density_token_weighted: float | None = None
+    density_per_sequence: list[float] | None = None
+    density_per_layer_head: list[list[float]] | None = None
+
+    @property
+    def stderr(self) -> float:
+        n = len(self.nll_per_sequence)
+        mean = self.nll
+        return math.sqrt(sum((x - mean) ** 2 for x in self.nll_per_sequence) / max(1, n - 1) / n)
+
+
+def nll_full_sequence(model: torch.nn.Module, data: HeldoutSet, desc: str = "eval") -> NLLResult:
+    """NLL with the exact full-sequence forward; for a converted model also the density of its gates."""
+    converted = is_converted(model)
+    per_seq, dens_seq, kept_sum, counted_sum = [], [], 0, 0
+    with torch.no_grad():
+        for row in tqdm(data.input_ids, desc=desc, unit="seq", leave=False):
+            ids = row.unsqueeze(0)
+            if converted:
+                cfg = model.spkv_config
+                with record_gates(model) as gates:
+                    logits = model(input_ids=ids, use_cache=False).logits
+                kept, counted = gate_density(gates, cfg.threshold, cfg.window, sinks=cfg.sinks)
+                dens_seq.append(float((kept / counted.clamp(min=1)).mean()))
+                kept_sum, counted_sum = kept_sum + kept, counted_sum + counted
+            else:
+                logits = model(input_ids=ids, use_cache=False).logits
+            per_seq.append(float(_token_nll(logits, ids)))
+    result = NLLResult(nll=sum(per_seq) / len(per_seq), nll_per_sequence=per_seq)
+    if converted:
+        per_head = kept_sum / counted_sum.clamp(min=1)
+        result.density = float(per_head.mean())
+        result.density_token_weighted = float(kept_sum.sum() / counted_sum.sum())
+        result.density_per_sequence = dens_seq
+        result.density_per_layer_head = per_head.tolist()
+    return result
+
+
+def nll_with_policy(model: torch.nn.Module, data: HeldoutSet, policy: ScoringPolicy, sinks: int = 4,
+                    chunk: int = 1, desc: str = "eval") -> NLLResult:
+    """NLL when the real compressed cache decides with `policy`: prefill in chunks of `chunk` tokens
+    (chunk=1 is exact for every policy; write-time policies are exact at any chunk size)."""
+    per_seq, dens_seq, kept_sum, decided_sum = [], [], 0, 0
+    with torch.no_grad():
+        for row in tqdm(data.input_ids, desc=desc, unit="seq", leave=False):
+            ids = row.unsqueeze(0)
+            cache = SPKVCache(model, policy=policy, sinks=sinks)
+            logits = torch.cat([model(input_ids=ids[:, s : s + chunk], past_key_values=cache).logits
+                                for s in range(0, ids.shape[1], chunk)], dim=1)
+            per_seq.append(float(_token_nll(logits, ids)))
+            stats = cache_stats(cache)
+            dens_seq.append(stats.density)
+            kept_sum, decided_sum = kept_sum + stats.kept.sum(1), decided_sum + stats.decided.sum(1)
+    per_head = kept_sum / decided_sum.clamp(min=1)
+    return NLLResult(
+        nll=sum(per_seq) / len(per_seq), nll_per_sequence=per_seq, density=float(per_head.float().mean()),
+        density_token_weighted=float(kept_sum.sum() / decided_sum.sum()), density_per_sequence=dens_seq,
+        density_per_layer_head=per_head.tolist(),
+    )
+
+
+def threshold_sweep(model_name: str, adapter: str, control: str | None, thresholds: list[float], data: HeldoutSet) -> dict[str, Any]:
+    """Held-out NLL of the base model, the dense control and SP-KV at each tau (with its density)."""
+    from .adapter import load_adapter, read_adapter_config
+    from .convert import set_threshold
+    from .models import load_model
+
+    rows = []
+    base, _ = load_model(model_name)
+    rows.append({"method": "base model", "threshold": None, **nll_full_sequence(base, data, "base").__dict__})
+    if control:
+        load_adapter(base, control)  # a fresh base is loaded below for SP-KV
+        rows.append({"method": "dense control", "threshold": base.spkv_config.threshold, **nll_full_sequence(base, data, "control").__dict__})
+    model, _ = load_model(model_name)
+    load_adapter(model, adapter)
+    for tau in thresholds:
+        set_threshold(model, tau)
+        rows.append({"method": "SP-KV", "threshold": tau, **nll_full_sequence(model, data, f"spkv tau={tau}").__dict__})
+    reference = next(r for r in rows if r["method"] == ("dense control" if control else "base model"))
+    base_nll = rows[0]["nll"]
+    for r in rows:
+        r["dnll_pct_vs_reference"] = 100 * (r["nll"] - reference["nll"]) / reference["nll"]
+        r["dnll_pct_vs_base"] = 100 * (r["nll"] - base_nll) / base_nll
+        r["nll_stderr"] = NLLResult(r["nll"], r["nll_per_sequence"]).stderr
+    meta = read_adapter_config(adapter)["metadata"]
+    return {
+        "model": model_name, "adapter": adapter, "control": control, "reference": reference["method"],
+        "seq_len": int(data.input_ids.shape[1]), "sequences": len(data.doc_ids), "doc_ids": data.doc_ids,
+        "sources": data.sources, "train_tokens": meta.get("tokens"), "rows": rows,
+    }
+
+
+def sweep_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"Held-out NLL at {result['seq_len']} tokens, {result['sequences']} documents never seen in training; "
+        f"adapter trained on {result['train_tokens']} tokens. dNLL% vs the {result['reference']}.",
+        "",
+        "| method | tau | NLL (± s.e.) | dNLL% vs reference | dNLL% vs base | density (mean layers x heads) | density (token-weighted) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result["rows"]:
+        tau = "" if r["threshold"] is None else f"{r['threshold']:g}"
+        dens = "" if r["density"] is None else f"{100 * r['density']:.1f}%"
+        densw = "" if r["density_token_weighted"] is None else f"{100 * r['density_token_weighted']:.1f}%"
+        lines.append(f"| {r['method']} | {tau} | {r['nll']:.4f} ± {r['nll_stderr']:.4f} | {r['dnll_pct_vs_reference']:+.2f}% | "
+                     f"{r['dnll_pct_vs_base']:+.2f}% | {dens} | {densw} |")
+    return "\n".join(lines) + "\n"

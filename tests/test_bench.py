@@ -1,0 +1,144 @@
+"""spkv bench decode / prefill: quick smoke runs on a tiny random model, and their result files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import spkv
+from spkv import bench
+from spkv.cache import SPKVLayer
+from spkv.cli import main
+from spkv.convert import predictors
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tmp_path_factory):
+    """An adapter for `--model tiny` whose predictors drop a real share of pairs."""
+    model = bench.build_tiny_model()
+    spkv.convert(model, spkv.SPKVConfig(window=16, threshold=0.5))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in predictors(model).values():
+            p.fc2.weight.copy_(torch.randn(p.fc2.weight.shape, generator=g))
+            p.fc2.bias.zero_()
+    return spkv.save_adapter(model, tmp_path_factory.mktemp("adapter") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def decode_result(tmp_path_factory, tiny_adapter):
+    out = tmp_path_factory.mktemp("bench")
+    main(["bench", "decode", "--quick", "--adapter", str(tiny_adapter), "--out", str(out)])
+    return json.loads((out / "decode.json").read_text()), out
+
+
+def _ok_rows(result, cache=None):
+    return [r for r in result["rows"] if r["status"] == "ok" and (cache is None or r["cache"] == cache)]
+
+
+def test_decode_quick_rows_and_files(decode_result):
+    result, out = decode_result
+    for name in ("decode.json", "decode.md", "decode.png", "decode_memory.png"):
+        assert (out / name).stat().st_size > 0
+    quick = bench.QUICK_DECODE
+    rows = result["rows"]
+    assert len(rows) == len(quick["contexts"]) * len(quick["batch_sizes"]) * len(bench.DEFAULT_CACHES)
+    assert {r["cache"] for r in rows} == set(bench.DEFAULT_CACHES)
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
+    assert result["bandwidth"]["bytes_per_s"] > 0
+    assert {"command", "commit", "machine", "date"} <= set(result["provenance"])
+    for r in rows:
+        for key in ("step_ms", "tokens_per_s", "speedup_vs_static", "speedup_vs_dynamic", "kv_bytes_held",
+                    "kv_bytes_read", "weight_bytes_read", "predicted_ms", "measured_over_predicted", "rss_peak_so_far_mib"):
+            assert r[key] > 0, (r["cache"], key, r[key])
+        assert len(r["step_ms_repeat_means"]) == quick["repeats"]
+        assert r["kv_bytes_read"] <= r["kv_bytes_held"]
+    assert all(r["speedup_vs_static"] == 1.0 for r in _ok_rows(result, "static"))
+    assert "| density-25 |" in (out / "decode.md").read_text()
+    assert result["fill"] == result["settings"]["fill"] == "synthetic"  # the default
+    assert all(r["fill"] == ("model" if r["cache"] == "spkv-adapter" else "synthetic") for r in rows)
+    assert "synthetic fill" in (out / "decode.md").read_text().splitlines()[0]
+    assert result["estimate"]["total_s"] > 0 and len(result["estimate"]["rows"]) == len(rows)
+
+
+def test_decode_quick_forced_density_and_memory(decode_result):
+    result, _ = decode_result
+    for percent in (10, 25, 50):
+        for r in _ok_rows(result, f"density-{percent}"):
+            assert abs(r["density"] - percent / 100) < 0.1, (r["context"], r["batch"], r["density"])
+    assert all(r["density"] == 0.0 for r in _ok_rows(result, "window-only"))
+    assert all(0.0 < r["density"] < 1.0 for r in _ok_rows(result, "spkv-adapter"))
+    longest = max(bench.QUICK_DECODE["contexts"])
+    for batch in bench.QUICK_DECODE["batch_sizes"]:
+        held = {r["cache"]: r["kv_bytes_held"] for r in _ok_rows(result) if r["context"] == longest and r["batch"] == batch}
+        assert held["density-25"] < held["static"]
+        assert held["window-only"] < held["density-25"]
+        assert held["dynamic"] == held["static"]  # the static cache is preallocated for exactly the run
+
+
+def test_decode_skips_over_memory_budget_and_rejects_unknown_cache():
+    given = {"caches": ["static"], "max_kv_gib": 1e-9, "bandwidth_mib": 8, "contexts": [64], "batch_sizes": [1]}
+    result = bench.run_decode(bench.settings_from(bench.DecodeSettings, given, bench.QUICK_DECODE), progress=False)
+    (row,) = result["rows"]
+    assert row["status"].startswith("skipped: memory") and row["step_ms"] is None
+    given = {"caches": ["spkv-adapter"], "adapter": "unused", "max_model_fill_tokens": 100, "bandwidth_mib": 8,
+             "contexts": [64], "batch_sizes": [2]}
+    result = bench.run_decode(bench.settings_from(bench.DecodeSettings, given, bench.QUICK_DECODE), progress=False)
+    (row,) = result["rows"]
+    assert row["status"].startswith("skipped: model fill too long") and row["fill"] == "model"
+    with pytest.raises(ValueError, match="unknown cache"):
+        bench.parse_cache("paged")
+    with pytest.raises(ValueError, match="density-P"):
+        bench.parse_cache("density-0")
+
+
+def test_prefill_quick(tmp_path):
+    main(["bench", "prefill", "--quick", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "prefill.json").read_text())
+    assert (tmp_path / "prefill.md").stat().st_size > 0
+    rows = result["rows"]
+    assert len(rows) == len(bench.QUICK_PREFILL["contexts"]) * len(bench.PREFILL_CONFIGS)
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    for r in rows:
+        assert r["seconds"] > 0 and r["tokens_per_s"] > 0 and r["time_vs_dynamic"] > 0
+        assert len(r["seconds_repeats"]) == bench.QUICK_PREFILL["repeats"]
+    for r in rows:
+        if r["config"] == "spkv-keep-all":
+            assert r["density"] == 1.0
+        if r["config"] != "predictors-only":
+            assert r["kv_bytes_held"] > 0
+    assert len(result["overhead"]) == len(bench.QUICK_PREFILL["contexts"])
+    assert all(o["keep_all_overhead"] is not None and o["predictors_fraction"] > 0 for o in result["overhead"])
+
+
+@pytest.mark.parametrize("name", ["dynamic", "static", "density-25"])
+def test_synthetic_fill_matches_model_fill(name):
+    """Same bytes (and, for a forced density, the same kept set: RandomPolicy draws in the same
+    order) as a model fill, and decoding continues at the right position."""
+    context, batch, chunk, steps = 100, 2, 32, 3
+    pool = bench.ModelPool(bench.TINY, torch.float32, window=16, adapter=None)
+    spec = bench.parse_cache(name)
+    model = pool.get(spec.variant)
+    ids, _ = pool.prompt(context, batch)
+    caches = {}
+    for fill in ("model", "synthetic"):
+        cache = bench.make_cache(spec, model, context + steps)
+        token = bench.fill_cache(model, cache, fill, ids if fill == "model" else None, batch, context, chunk)
+        assert token.shape == (batch, 1)
+        assert int(cache.get_seq_length()) == context
+        (times,) = bench.time_decode(model, cache, token, warmup=0, steps=steps, repeats=1)
+        assert len(times) == steps
+        assert int(cache.get_seq_length()) == context + steps
+        caches[fill] = cache
+    model_kv, synthetic_kv = bench.kv_bytes(caches["model"]), bench.kv_bytes(caches["synthetic"])
+    assert synthetic_kv == model_kv
+    for a, b in zip(caches["model"].layers, caches["synthetic"].layers):
+        if isinstance(a, SPKVLayer):
+            assert a.store_len == b.store_len and a.recent_k.shape == b.recent_k.shape and a.seen == b.seen
+        else:
+            assert a.keys.shape == b.keys.shape and a.keys.dtype == b.keys.dtype
+    if name == "density-25":
+        assert abs(synthetic_kv["density"] - 0.25) < 0.1
+        assert caches["synthetic"].tokens_seen == context + steps and caches["synthetic"].num_sequences == batch

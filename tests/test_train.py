@@ -1,0 +1,203 @@
+"""Training: schedule, exact resume, multi-process equivalence, adapter export, and the mechanism
+learning when to write on a synthetic recall task."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import spkv
+from spkv.convert import predictors
+from spkv.density import gate_density
+from spkv.train import TrainConfig, build_model, export_adapter, lr_factor, phase_at, train
+
+from .tiny_models import save_tiny_pretrained
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A tiny pretrained checkpoint folder and a text file of its words."""
+    root = tmp_path_factory.mktemp("train")
+    model_dir = save_tiny_pretrained(root / "model")
+    g = torch.Generator().manual_seed(0)
+    text = root / "corpus.txt"
+    text.write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 60, (3000,), generator=g)))
+    return model_dir, text
+
+
+def tiny_config(tiny_setup, out, **kw):
+    model_dir, text = tiny_setup
+    base = dict(model=str(model_dir), data=[str(text)], out=str(out), seq_len=32, batch_size=2, max_tokens=6 * 2 * 32,
+                window=4, predictor_hidden=8, hard_fraction=0.5, anneal_steps=2, warmup_steps=2, bf16=False,
+                checkpoint_every=1, train_llm="all", lr=1e-3)
+    return TrainConfig(**{**base, **kw})
+
+
+def trained_state(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+
+
+def test_schedule_phases_and_lr():
+    cfg = TrainConfig(seq_len=8, batch_size=1, max_tokens=8 * 100, hard_fraction=0.25, anneal_steps=10, warmup_steps=5)
+    assert [phase_at(cfg, s)[0] for s in (0, 74, 75, 83, 84, 99)] == ["soft", "soft", "anneal", "anneal", "hard", "hard"]
+    assert phase_at(cfg, 75)[1] == pytest.approx(0.1) and phase_at(cfg, 84)[1] == 1.0
+    assert lr_factor(cfg, 0) == pytest.approx(0.2) and lr_factor(cfg, 5) == pytest.approx(1.0)
+    assert lr_factor(cfg, 99) == pytest.approx(cfg.min_lr_ratio, abs=1e-3)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="train_llm"):
+        TrainConfig(train_llm="some")
+    with pytest.raises(ValueError, match="density_target and density_weight"):
+        TrainConfig(density_weight=1.0)
+    with pytest.raises(ValueError, match="control has no gates"):
+        TrainConfig(control=True, density_target=0.2, density_weight=1.0)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_setup, tmp_path):
+    straight = tiny_config(tiny_setup, tmp_path / "straight")
+    train(straight)
+    interrupted = tiny_config(tiny_setup, tmp_path / "interrupted")
+    train(interrupted, max_steps=3)
+    assert torch.load(tmp_path / "interrupted" / "checkpoint.pt", weights_only=False)["step"] == 3
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(interrupted)
+    train(interrupted, resume=True)
+    a, b = trained_state(tmp_path / "straight"), trained_state(tmp_path / "interrupted")
+    assert a.keys() == b.keys() and any("spkv_predictor" in k for k in a)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    log = (tmp_path / "interrupted" / "log.jsonl").read_text().splitlines()
+    assert len(log) == 6 and '"phase": "hard"' in log[-1]
+    with pytest.raises(ValueError, match="different settings"):
+        train(tiny_config(tiny_setup, tmp_path / "interrupted", lr=5e-4), resume=True)
+
+
+def test_two_processes_match_one(tiny_setup, tmp_path):
+    """DDP over 2 CPU processes (gloo) computes the same steps as one process with the same global batch."""
+    one = tiny_config(tiny_setup, tmp_path / "one", max_tokens=3 * 2 * 32)
+    train(one)
+    model_dir, text = tiny_setup
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "spkv.cli", "train",
+           "--model", str(model_dir), "--data", str(text), "--out", str(tmp_path / "two"), "--seq-len", "32", "--batch-size", "2",
+           "--max-tokens", str(3 * 2 * 32), "--window", "4", "--predictor-hidden", "8", "--hard-fraction", "0.5",
+           "--anneal-steps", "2", "--warmup-steps", "2", "--no-bf16", "--checkpoint-every", "1", "--train-llm", "all", "--lr", "1e-3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = trained_state(tmp_path / "one"), trained_state(tmp_path / "two")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+@pytest.mark.parametrize("control", [False, True])
+def test_exported_lora_adapter_reproduces_the_trained_model(tiny_setup, tmp_path, control):
+    cfg = tiny_config(tiny_setup, tmp_path, train_llm="lora", lora_rank=4, control=control)
+    model, _, base_state, _ = build_model(cfg)
+    with torch.no_grad():  # stand in for training: move LoRA and predictors away from their init
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    core = model.get_base_model()
+    if not control:
+        spkv.update_config(core, phase="hard")
+    ids = torch.randint(2, 62, (1, 24))
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits
+    export_adapter(cfg, model, base_state, tmp_path / "adapter")
+    fresh, _ = spkv.load_model(cfg.model)
+    spkv.load_adapter(fresh, tmp_path / "adapter")
+    assert fresh.spkv_config.threshold == (0.0 if control else cfg.threshold)
+    with torch.no_grad():
+        got = fresh(input_ids=ids, use_cache=False).logits
+    assert torch.allclose(got, expected, atol=2e-3), (got - expected).abs().max()  # low-rank factors stored in bf16
+
+
+# ---- the mechanism learns when to write ------------------------------------------------------
+
+SLOTS, VALUES, FILLERS, LENGTH, WINDOW, FACTS = 4, 8, 24, 48, 8, 3
+FACT0 = 2
+QUERY0 = FACT0 + SLOTS * VALUES
+FILL0 = QUERY0 + SLOTS
+
+
+def recall_batch(g: torch.Generator, n: int) -> torch.Tensor:
+    """Fillers with a few (slot, value) fact tokens early on; the second-to-last token asks for a slot,
+    the last is the answer: the fact of that slot, far outside the local window."""
+    ids = FILL0 + torch.randint(0, FILLERS, (n, LENGTH), generator=g)
+    rows = torch.arange(n)
+    slots = torch.stack([torch.randperm(SLOTS, generator=g)[:FACTS] for _ in range(n)])
+    values = torch.randint(0, VALUES, (n, FACTS), generator=g)
+    where = torch.stack([torch.randperm(LENGTH - 2 * WINDOW, generator=g)[:FACTS] for _ in range(n)])
+    facts = FACT0 + slots * VALUES + values
+    for j in range(FACTS):
+        ids[rows, where[:, j]] = facts[:, j]
+    ask = torch.randint(0, FACTS, (n,), generator=g)
+    ids[:, -2] = QUERY0 + slots[rows, ask]
+    ids[:, -1] = facts[rows, ask]
+    return ids
+
+
+def train_recall(gated: bool, steps: int, seed: int = 0) -> tuple[float, float | None]:
+    """Train a tiny model from scratch with the library's schedule; returns (accuracy, density at tau)."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=FILL0 + FILLERS, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    cfg = TrainConfig(seq_len=LENGTH, batch_size=32, max_tokens=LENGTH * 32 * steps, hard_fraction=0.25,
+                      anneal_steps=steps // 10, window=WINDOW, density_target=0.10, density_weight=0.05)
+    if gated:
+        spkv.convert(model, spkv.SPKVConfig(window=WINDOW, phase="soft", predictor_hidden=32))
+    pred = [p for m in predictors(model).values() for p in m.parameters()]
+    llm = [p for p in model.parameters() if all(p is not q for q in pred)]
+    groups = [{"params": llm, "lr": 3e-3, "weight_decay": 0.0}] + (
+        [{"params": pred, "lr": 1.5e-2, "weight_decay": 0.1, "predictor": True}] if pred else [])
+    optimizer = torch.optim.AdamW(groups)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        phase, alpha = phase_at(cfg, step)
+        if gated:
+            spkv.update_config(model, phase=phase, anneal_alpha=alpha)
+        for group in optimizer.param_groups:
+            if group.get("predictor") and phase != "soft":
+                group["lr"] = 0.0
+        ids = recall_batch(g, 32)
+        with spkv.record_gates(model) as gates:
+            logits = model(input_ids=ids, use_cache=False).logits
+        loss = F.cross_entropy(logits[:, -2], ids[:, -1])
+        if gated and phase == "soft":
+            kept, counted = gate_density(gates, cfg.threshold, WINDOW, soft=True)
+            loss = loss + cfg.density_weight * F.relu((kept / counted).mean() - cfg.density_target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    ids = recall_batch(torch.Generator().manual_seed(1234), 512)
+    with torch.no_grad(), spkv.record_gates(model) as gates:
+        logits = model(input_ids=ids, use_cache=False).logits
+    accuracy = float((logits[:, -2].argmax(-1) == ids[:, -1]).float().mean())
+    if not gated:
+        return accuracy, None
+    kept, counted = gate_density(gates, 0.5, WINDOW)
+    return accuracy, float((kept / counted).mean())
+
+
+@pytest.mark.slow
+def test_sp_kv_learns_when_to_write_on_synthetic_recall():
+    dense_accuracy, _ = train_recall(gated=False, steps=STEPS)
+    accuracy, density = train_recall(gated=True, steps=STEPS)
+    assert dense_accuracy > 0.95
+    assert density <= 0.20, f"out-of-window density {density:.3f}"
+    assert accuracy >= dense_accuracy - ACCURACY_GAP, f"SP-KV {accuracy:.3f} vs full attention {dense_accuracy:.3f}"
+
+
+STEPS, ACCURACY_GAP = 1200, 0.05
