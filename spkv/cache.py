@@ -123,6 +123,11 @@ class SPKVLayer(CacheLayerMixin):
             gate = torch.zeros_like(self.recent_score).masked_fill(~keep, float("-inf"))
         visible = self.recent_valid.view(b, 1, 1, -1)
         bias = window_bias(dist.view(1, 1, n, -1), self.window, gate.unsqueeze(2), visible)  # [B, Hkv, n, R]
+        # A query that sees nothing (left padding, before any real token) gets a finite, unused result.
+        blind = torch.isneginf(bias).all(-1, keepdim=True)
+        if blind.any():
+            has_store = torch.tensor(self.store_len, device=self.device).view(b, hkv, 1, 1) > 0
+            bias = bias.masked_fill(blind & ~has_store, 0.0)
         recent_scores = (q @ self.recent_k.unsqueeze(2).transpose(-1, -2)) * scaling + bias.unsqueeze(2).to(q.dtype)
 
         out = torch.empty(b, hkv, groups, n, d, dtype=query.dtype, device=query.device)
@@ -132,7 +137,6 @@ class SPKVLayer(CacheLayerMixin):
                 length = self.store_len[bi][hi]
                 k_g, v_g = self.store_k[bi][hi][:length], self.store_v[bi][hi][:length]
                 scores = torch.cat([(q[bi, hi] @ k_g.T) * scaling, recent_scores[bi, hi]], dim=-1)  # [G, n, L+R]
-                scores = scores.masked_fill(torch.isneginf(scores).all(-1, keepdim=True), 0.0)  # padding queries
                 p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
                 out[bi, hi] = p[..., :length] @ v_g + p[..., length:] @ self.recent_v[bi, hi]
                 if probs_recent is not None:
