@@ -150,6 +150,13 @@ def cmd_bench_prefill(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
+def cmd_bench_train(args: argparse.Namespace) -> None:
+    from spkv.bench_train import run_train_bench, write_train_bench
+
+    result = run_train_bench(args.model, args.seq_len, args.steps, args.warmup, args.train_llm, args.bf16)
+    print(write_train_bench(result, args.out).read_text())
+
+
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
     """Arguments both benchmarks share; None = the default (or the --quick default)."""
     p.add_argument("--model", help="spkv.load_model name/path, or `tiny` (a random Llama built in memory); default smollm2-135m")
@@ -223,6 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     bp = bsub.add_parser("prefill", help="chunked prefill time and memory: plain model vs SP-KV, predictor overhead")
     _add_bench_args(bp)
     bp.set_defaults(func=cmd_bench_prefill)
+
+    bt = bsub.add_parser("train", help="SP-KV training step time vs plain fine-tuning of the same model")
+    bt.add_argument("--model", default="smollm2-135m")
+    bt.add_argument("--seq-len", type=int, default=2048)
+    bt.add_argument("--steps", type=int, default=5)
+    bt.add_argument("--warmup", type=int, default=1)
+    bt.add_argument("--train-llm", default="lora", choices=["all", "lora", "none"])
+    bt.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    bt.add_argument("--out", default="results/bench")
+    bt.set_defaults(func=cmd_bench_train)
 
     d = sub.add_parser("data", help="build the offline training/held-out corpus from packages")
     d.add_argument("--out", help="default: $SPKV_CORPUS or ~/.cache/spkv/corpus (where spkv train looks)")

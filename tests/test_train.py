@@ -123,6 +123,15 @@ def test_exported_lora_adapter_reproduces_the_trained_model(tiny_setup, tmp_path
     assert torch.allclose(got, expected, atol=2e-3), (got - expected).abs().max()  # low-rank factors stored in bf16
 
 
+def test_train_benchmark_smoke(tiny_setup, tmp_path):
+    from spkv.bench_train import run_train_bench, write_train_bench
+
+    result = run_train_bench(model=str(tiny_setup[0]), seq_len=16, steps=2, warmup=0, train_llm="all", bf16=False)
+    assert [r["run"] for r in result["rows"]] == ["plain fine-tuning", "SP-KV (soft phase)"]
+    assert all(len(r["step_s"]) == 2 and r["median_step_s"] > 0 for r in result["rows"]) and result["spkv_over_plain"] > 0
+    assert "SP-KV / plain" in write_train_bench(result, tmp_path).read_text()
+
+
 # ---- the mechanism learns when to write ------------------------------------------------------
 
 SLOTS, VALUES, FILLERS, LENGTH, WINDOW, FACTS = 4, 8, 24, 48, 8, 3

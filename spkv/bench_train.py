@@ -1,0 +1,61 @@
+"""`spkv bench train`: the step time of SP-KV training against plain fine-tuning of the same model.
+
+Both run the same recipe (train.py) on the same random batch; only the gates differ (the plain run
+is the dense control). Steps alternate between the two so load on a shared machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .results import atomic_write_text, write_json
+from .train import TrainConfig, _step_loss, build_model, build_optimizer
+
+
+def _one_step(cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> float:
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        loss, _ = _step_loss(cfg, model, None, ids)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def run_train_bench(model: str = "smollm2-135m", seq_len: int = 2048, steps: int = 5, warmup: int = 1,
+                    train_llm: str = "lora", bf16: bool = True) -> dict[str, Any]:
+    runs = {}
+    for name, control in (("plain fine-tuning", True), ("SP-KV (soft phase)", False)):
+        cfg = TrainConfig(model=model, control=control, seq_len=seq_len, batch_size=1, max_tokens=seq_len * (steps + warmup),
+                          train_llm=train_llm, bf16=bf16)
+        net, _, _, _ = build_model(cfg)
+        runs[name] = (cfg, net, build_optimizer(cfg, net), [])
+    vocab = next(iter(runs.values()))[1].config.vocab_size
+    ids = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    for step in tqdm(range(warmup + steps), desc="bench train", unit="step"):
+        for cfg, net, optimizer, times in runs.values():
+            seconds = _one_step(cfg, net, optimizer, ids)
+            if step >= warmup:
+                times.append(seconds)
+    rows = [{"run": name, "median_step_s": statistics.median(t), "step_s": t, "tokens_per_s": seq_len / statistics.median(t)}
+            for name, (_, _, _, t) in runs.items()]
+    return {"benchmark": "train", "model": model, "seq_len": seq_len, "train_llm": train_llm, "bf16": bf16,
+            "steps": steps, "warmup": warmup, "threads": torch.get_num_threads(), "rows": rows,
+            "spkv_over_plain": rows[1]["median_step_s"] / rows[0]["median_step_s"]}
+
+
+def write_train_bench(result: dict[str, Any], out: str | Path) -> Path:
+    out = Path(out)
+    write_json(out / "train.json", result)
+    lines = [f"Training step, {result['model']}, {result['seq_len']} tokens, train_llm={result['train_llm']}, "
+             f"bf16={result['bf16']}, {result['threads']} threads, median of {result['steps']} steps (alternating runs)", "",
+             "| run | median step (s) | tokens/s |", "| --- | --- | --- |"]
+    lines += [f"| {r['run']} | {r['median_step_s']:.2f} | {r['tokens_per_s']:.1f} |" for r in result["rows"]]
+    lines += ["", f"SP-KV / plain step time: **{result['spkv_over_plain']:.2f}x** (target <= 1.3x)"]
+    return atomic_write_text(out / "train.md", "\n".join(lines) + "\n")
