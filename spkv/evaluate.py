@@ -155,18 +155,31 @@ def threshold_sweep(model_name: str, adapter: str, control: str | None, threshol
     }
 
 
+def paired_dnll_stderr(rows: list[dict[str, Any]], reference: dict[str, Any]) -> list[float]:
+    """Standard error of dNLL% from per-document paired differences (same documents for every method)."""
+    ref = reference["nll_per_sequence"]
+    out = []
+    for r in rows:
+        diffs = [100 * (a - b) / reference["nll"] for a, b in zip(r["nll_per_sequence"], ref)]
+        mean = sum(diffs) / len(diffs)
+        out.append(math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1) / len(diffs)))
+    return out
+
+
 def sweep_markdown(result: dict[str, Any]) -> str:
+    reference = next(r for r in result["rows"] if r["method"] == result["reference"])
+    paired = paired_dnll_stderr(result["rows"], reference)
     lines = [
         f"Held-out NLL at {result['seq_len']} tokens, {result['sequences']} documents never seen in training; "
         f"adapter trained on {result['train_tokens']} tokens. dNLL% vs the {result['reference']}.",
         "",
-        "| method | tau | NLL (± s.e.) | dNLL% vs reference | dNLL% vs base | density (mean layers x heads) | density (token-weighted) |",
+        "| method | tau | NLL (± s.e. over documents) | dNLL% vs reference (± paired s.e.) | dNLL% vs base | density (mean layers x heads) | density (token-weighted) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in result["rows"]:
+    for r, se in zip(result["rows"], paired):
         tau = "" if r["threshold"] is None else f"{r['threshold']:g}"
         dens = "" if r["density"] is None else f"{100 * r['density']:.1f}%"
         densw = "" if r["density_token_weighted"] is None else f"{100 * r['density_token_weighted']:.1f}%"
-        lines.append(f"| {r['method']} | {tau} | {r['nll']:.4f} ± {r['nll_stderr']:.4f} | {r['dnll_pct_vs_reference']:+.2f}% | "
+        lines.append(f"| {r['method']} | {tau} | {r['nll']:.4f} ± {r['nll_stderr']:.4f} | {r['dnll_pct_vs_reference']:+.2f}% ± {se:.2f} | "
                      f"{r['dnll_pct_vs_base']:+.2f}% | {dens} | {densw} |")
     return "\n".join(lines) + "\n"

@@ -272,6 +272,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     from accelerate.utils import DistributedDataParallelKwargs
 
     accel = Accelerator(
+        cpu=not torch.cuda.is_available(),  # without it, CPU processes launched together would not form a group
         mixed_precision="bf16" if cfg.bf16 else "no",
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],  # predictor frozen late
     )
