@@ -22,6 +22,7 @@ BLOCKS = {
     "core": ("results/core/core_report.md", "results/core/core_report.json"),
     "decode": ("results/bench/decode.md", "results/bench/decode.json"),
     "prefill": ("results/bench/prefill.md", "results/bench/prefill.json"),
+    "train_step": ("results/bench/train.md", "results/bench/train.json"),
 }
 
 
@@ -33,15 +34,16 @@ def block(name: str) -> str:
     source = f"Source: [`{BLOCKS[name][1]}`]({BLOCKS[name][1]})"
     if prov:
         source += f" — `{prov.get('command', '?')}` at commit `{str(prov.get('commit', '?'))[:12]}`, {prov.get('date', '?')}"
-    return md.read_text().strip() + "\n\n" + source
+    body = re.sub(r"^#+ (.*)$", r"**\1**", md.read_text().strip(), flags=re.M)  # keep the README's own headings on top
+    return body + "\n\n" + source
 
 
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
     for name in BLOCKS:
-        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
-        text = pattern.sub(lambda m: m.group(1) + block(name) + m.group(2), text)
+        pattern = re.compile(rf"(<!-- results:{name} -->\n)(?:.*?\n)?(<!-- /results:{name} -->)", re.S)
+        text = pattern.sub(lambda m: m.group(1) + block(name) + "\n" + m.group(2), text)
     atomic_write_text(readme, text)
 
 
