@@ -127,7 +127,7 @@ def spkv_attention_forward(
     if spkv_gate_logits is None:
         raise RuntimeError("SP-KV gated layer called without gate logits: was the model converted with spkv.convert()?")
     config: SPKVConfig = predictor.config
-    tq, tk = query.shape[2], key.shape[2]
+    tk = key.shape[2]
     if spkv_gate_logits.shape[1] != tk:
         raise RuntimeError(
             f"SP-KV layer {module.layer_idx}: {tk} keys but gates for {spkv_gate_logits.shape[1]} tokens. "
