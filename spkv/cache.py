@@ -154,12 +154,12 @@ class SPKVLayer(CacheLayerMixin):
             return
         valid, sink = self.recent_valid[:, :m], self.recent_sink[:, :m]
         keep = self._keep(self.recent_score[:, :, :m], sink) & valid.unsqueeze(1)  # [B, Hkv, m]
-        counted = (valid & ~sink).unsqueeze(1).expand_as(keep)
-        self.decided += counted.sum(-1).cpu()
-        self.kept += (keep & counted).sum(-1).cpu()
-        keep_cpu = keep.cpu()
-        for bi, hi in keep_cpu.any(-1).nonzero().tolist():
-            idx = keep_cpu[bi, hi].nonzero().squeeze(1).to(self.device)
+        # One transfer per eviction (a sync on GPU); the bookkeeping below runs on the host.
+        keep, counted = keep.cpu(), (valid & ~sink).cpu().unsqueeze(1)
+        self.decided += counted.sum(-1).expand_as(self.decided)
+        self.kept += (keep & counted).sum(-1)
+        for bi, hi in keep.any(-1).nonzero().tolist():
+            idx = keep[bi, hi].nonzero().squeeze(1).to(self.device)
             self._append(bi, hi, self.recent_k[bi, hi, idx], self.recent_v[bi, hi, idx])
         self.recent_k, self.recent_v = self.recent_k[:, :, m:], self.recent_v[:, :, m:]
         self.recent_pos, self.recent_score = self.recent_pos[m:], self.recent_score[:, :, m:]
