@@ -95,7 +95,7 @@ def gated_attention(
     return out
 
 
-def _sink_mask(valid_keys: torch.Tensor, sinks: int) -> torch.Tensor:
+def sink_mask(valid_keys: torch.Tensor, sinks: int) -> torch.Tensor:
     """valid_keys [B, Tk] bool -> [B, Tk] True for the first `sinks` real tokens of each row."""
     rank = valid_keys.long().cumsum(dim=-1) - 1
     return valid_keys & (rank < sinks)
@@ -138,7 +138,7 @@ def spkv_attention_forward(
     gate = log_gate(spkv_gate_logits, config).transpose(1, 2)  # [B, Hkv, Tk]
     if config.sinks:
         valid = attention_mask[:, 0, -1, :] if attention_mask is not None else torch.ones_like(gate[:, 0], dtype=torch.bool)
-        gate = gate.masked_fill(_sink_mask(valid, config.sinks).unsqueeze(1), 0.0)
+        gate = gate.masked_fill(sink_mask(valid, config.sinks).unsqueeze(1), 0.0)
     out = gated_attention(query, key, value, gate, config.window, scaling, attention_mask, dropout)
     return out, None
 

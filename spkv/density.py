@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from .attention import keep_decision
+from .attention import keep_decision, sink_mask
 
 
 def out_of_window_mask(length: int, window: int, attention_mask: torch.Tensor | None, sinks: int = 0) -> torch.Tensor:
     """[B or 1, T] bool: real, non-sink tokens already decided after `length` tokens."""
     positions = torch.arange(length)
     out = (positions <= length - window).unsqueeze(0)
-    if attention_mask is not None:
-        valid = attention_mask.bool().cpu()
-        rank = valid.long().cumsum(1) - 1
-        out = out & valid & (rank >= sinks)
-    elif sinks:
-        out = out & (positions >= sinks).unsqueeze(0)
-    return out
+    valid = attention_mask.bool().cpu() if attention_mask is not None else torch.ones(1, length, dtype=torch.bool)
+    return out & valid & ~sink_mask(valid, sinks)
 
 
 def gate_density(
