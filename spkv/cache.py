@@ -38,6 +38,7 @@ class SPKVLayer(CacheLayerMixin):
         self.spkv_config: SPKVConfig | None = None
         self.staged_logits: torch.Tensor | None = None  # [B, n, Hkv] gates of the incoming tokens
         self.pending_valid: torch.Tensor | None = None  # [B, n] False for padding
+        self.recent_q: torch.Tensor | None = None  # [B, Hkv, G, <=window, D], only if the policy needs_queries
 
     # -- transformers' layer interface -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -116,7 +117,7 @@ class SPKVLayer(CacheLayerMixin):
         q = query.view(b, hkv, groups, n, d)
         q_pos = torch.arange(self.seen - n, self.seen, device=self.device)
         dist = q_pos.view(n, 1) - self.recent_pos.view(1, -1)  # [n, R]
-        if self.policy.needs_attention:  # undecided until they leave: visible (exact when n == 1)
+        if self.policy.needs_attention or self.policy.needs_queries:  # undecided until they leave: visible (exact when n == 1)
             gate = torch.zeros_like(self.recent_score)
         else:
             keep = self._keep(self.recent_score, self.recent_sink)
@@ -144,6 +145,9 @@ class SPKVLayer(CacheLayerMixin):
         if probs_recent is not None:
             probs = torch.stack(probs_recent).view(b, hkv, groups, n, -1)
             self.recent_score = self.policy.observe(self.recent_score, probs)
+        if self.policy.needs_queries:  # the last `window` queries, for policies that model them
+            self.recent_q = q if self.recent_q is None else torch.cat([self.recent_q, q], dim=3)[:, :, :, -self.window :]
+            self.recent_score = self.policy.observe_queries(self.recent_score, self.recent_k, self.recent_v, self.recent_q, scaling)
         self._evict(self.seen - self.window)
         return out.view(b, h, n, d).transpose(1, 2)
 

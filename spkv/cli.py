@@ -122,6 +122,58 @@ def cmd_eval_nll(args: argparse.Namespace) -> None:
     print(table)
 
 
+def cmd_eval_matched(args: argparse.Namespace) -> None:
+    from spkv.evaluate import heldout_set
+    from spkv.matched import MatchSettings, compare, matched_markdown, plot_matched
+    from spkv.models import load_model
+    from spkv.results import atomic_write_text, write_json
+    from spkv.train import default_corpus
+
+    _, tokenizer = load_model(args.model)
+    data = heldout_set(tokenizer, seq_len=args.seq_len, max_sequences=args.sequences, corpus=args.heldout)
+    kvzap_train = None
+    if "kvzap" in args.methods:  # training-split text for the surrogate's fit
+        kvzap_train = heldout_set(tokenizer, seq_len=args.kvzap_seq_len, max_sequences=args.kvzap_sequences,
+                                  corpus=default_corpus() / "train.jsonl").input_ids
+    out = Path(args.out)
+    partial = out / "matched.partial.json"
+    done = {}
+    if args.resume and partial.exists():
+        done = {r["method"]: r for r in json.loads(partial.read_text())["rows"]}
+    settings = MatchSettings(chunk=args.chunk, calibration_sequences=args.calibration_sequences,
+                             exactness_sequences=args.exactness_sequences)
+    result = compare(args.model, args.adapter, args.control, args.tau, args.methods, data, settings, out,
+                     kvzap_train=kvzap_train, done=done, save=lambda rows: write_json(partial, rows))
+    write_json(out / "matched.json", result)
+    atomic_write_text(out / "matched.md", matched_markdown(result))
+    plot_matched(result, out)
+    partial.unlink(missing_ok=True)
+    print(matched_markdown(result))
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from spkv.adapter import load_adapter
+    from spkv.analysis import analysis_markdown, analyze, documents_by_length, plot_analysis
+    from spkv.convert import set_threshold
+    from spkv.models import load_model
+    from spkv.results import atomic_write_text, write_json
+    from spkv.train import default_corpus
+
+    model, tokenizer = load_model(args.model)
+    load_adapter(model, args.adapter)
+    if args.threshold is not None:
+        set_threshold(model, args.threshold)
+    max_len = args.max_len or model.config.get_text_config(decoder=True).max_position_embeddings
+    corpus = Path(args.heldout) if args.heldout else default_corpus() / "heldout.jsonl"
+    docs = documents_by_length(tokenizer, corpus, args.documents, args.min_len, max_len)
+    result = {"model": args.model, "adapter": args.adapter, **analyze(model, docs)}
+    out = Path(args.out)
+    write_json(out / "analysis.json", result)
+    atomic_write_text(out / "analysis.md", analysis_markdown(result))
+    plot_analysis(result, out)
+    print(analysis_markdown(result))
+
+
 def cmd_data(args: argparse.Namespace) -> None:
     from spkv.data import build_corpus
     from spkv.train import corpus_dir
@@ -211,6 +263,35 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--heldout", help="held-out .jsonl (default: the spkv data corpus)")
     en.add_argument("--out", default="results/train")
     en.set_defaults(func=cmd_eval_nll)
+    em = esub.add_parser("matched", help="SP-KV vs post-hoc baselines at matched density (the paper's main table)")
+    em.add_argument("--model", default="smollm2-135m")
+    em.add_argument("--adapter", required=True)
+    em.add_argument("--control", required=True, help="the dense control's adapter: baselines run on it and dNLL%% is against it")
+    em.add_argument("--tau", type=float, default=0.5, help="SP-KV threshold; its density is the baselines' target")
+    em.add_argument("--methods", nargs="+", default=["streaming", "h2o", "tova", "key_norm", "expected_attention", "kvzap", "random"],
+                    help="scoring policies (spkv.policies.POLICIES)")
+    em.add_argument("--seq-len", type=int, default=2048)
+    em.add_argument("--sequences", type=int, default=16, help="held-out documents (one sequence each)")
+    em.add_argument("--heldout", help="held-out .jsonl (default: the spkv data corpus)")
+    em.add_argument("--chunk", type=int, default=32, help="prefill chunk for attention-based baselines (error vs chunk 1 is measured)")
+    em.add_argument("--calibration-sequences", type=int, default=4)
+    em.add_argument("--exactness-sequences", type=int, default=1, help="documents re-run token by token to measure the chunking error")
+    em.add_argument("--kvzap-sequences", type=int, default=16, help="training-split sequences to fit the KVzap surrogate")
+    em.add_argument("--kvzap-seq-len", type=int, default=1024)
+    em.add_argument("--resume", action="store_true", help="reuse the rows of an interrupted run (OUT/matched.partial.json)")
+    em.add_argument("--out", default="results/eval")
+    em.set_defaults(func=cmd_eval_matched)
+
+    a = sub.add_parser("analyze", help="where an SP-KV model keeps memory: density per layer x head and against length")
+    a.add_argument("--model", default="smollm2-135m")
+    a.add_argument("--adapter", required=True)
+    a.add_argument("--threshold", type=float, help="tau (default: the adapter's)")
+    a.add_argument("--documents", type=int, default=12, help="held-out documents, spread over lengths")
+    a.add_argument("--min-len", type=int, default=512)
+    a.add_argument("--max-len", type=int, help="cap on a document's tokens (default: the model's positions)")
+    a.add_argument("--heldout", help="held-out .jsonl (default: the spkv data corpus)")
+    a.add_argument("--out", default="results/analysis")
+    a.set_defaults(func=cmd_analyze)
 
     b = sub.add_parser("bench", help="speed and memory benchmarks (decode, prefill)")
     bsub = b.add_subparsers(dest="bench_command", required=True)

@@ -72,3 +72,23 @@ def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
     """Atomic JSON with a `provenance` block (added unless the data already carries one)."""
     data = {**data, "provenance": data.get("provenance") or provenance()}
     return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> Path:
+    """Atomic PNG write (a temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (no display on servers and CI)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

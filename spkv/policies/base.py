@@ -24,6 +24,8 @@ class ScoringPolicy:
     # True when the score depends on attention received after writing: such a score is final only
     # when the pair leaves the window, so it is exact token by token and approximate in prefill chunks.
     needs_attention: ClassVar[bool] = False
+    # True when the score depends on the recent queries (observe_queries); final when the pair leaves.
+    needs_queries: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -36,4 +38,10 @@ class ScoringPolicy:
     def observe(self, scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """scores [B, Hkv, R] of the window's pairs; probs [B, Hkv, G, n, R]: the attention they just
         received from the G query heads of each KV head's group and the n newest queries -> new scores."""
+        return scores
+
+    def observe_queries(self, scores: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
+                        scaling: float) -> torch.Tensor:
+        """keys, values [B, Hkv, R, D] of the window's pairs; queries [B, Hkv, G, Q, D]: the last Q <= window
+        queries of each KV head's group; scaling: the attention's 1/sqrt(D) -> new scores [B, Hkv, R]."""
         return scores

@@ -1,0 +1,121 @@
+"""Where an SP-KV model keeps memory: density per layer x KV head, and density against length.
+
+The paper says longer inputs compress more. We measure it per held-out document: each document at
+its own length (capped at the model's limit), its density from the exact full-sequence forward,
+then a least-squares line of density against log2(length) with its R^2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .convert import record_gates
+from .density import gate_density
+from .results import pyplot, save_figure
+
+
+def documents_by_length(tokenizer: Any, corpus: Path, count: int, min_len: int, max_len: int) -> list[tuple[str, list[int]]]:
+    """`count` held-out documents whose lengths spread evenly (by rank) over [min_len, max_len]."""
+    docs = []
+    with corpus.open(encoding="utf-8") as lines:
+        for line in lines:
+            doc = json.loads(line)
+            ids = tokenizer(doc["text"], add_special_tokens=False).input_ids[:max_len]
+            if len(ids) >= min_len:
+                docs.append((doc["id"], ids))
+    if not docs:
+        raise ValueError(f"No document in {corpus} has {min_len} tokens: lower --min-len.")
+    docs.sort(key=lambda d: len(d[1]))
+    if len(docs) <= count:
+        return docs
+    picks = sorted({round(i * (len(docs) - 1) / (count - 1)) for i in range(count)}) if count > 1 else [len(docs) - 1]
+    return [docs[i] for i in picks]
+
+
+def fit_line(x: list[float], y: list[float]) -> dict[str, float]:
+    """Least squares y = slope * x + intercept, with R^2."""
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxx = sum((a - mx) ** 2 for a in x)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    syy = sum((b - my) ** 2 for b in y)
+    slope = sxy / sxx if sxx else float("nan")
+    r2 = sxy * sxy / (sxx * syy) if sxx and syy else float("nan")
+    return {"slope": slope, "intercept": my - slope * mx if sxx else float("nan"), "r2": r2, "n": n}
+
+
+def analyze(model: torch.nn.Module, docs: list[tuple[str, list[int]]]) -> dict[str, Any]:
+    """Per document: length and density; pooled: density per layer x KV head; the regression."""
+    cfg = model.spkv_config
+    per_doc, kept_sum, counted_sum = [], 0, 0
+    with torch.no_grad():
+        for doc_id, ids in tqdm(docs, desc="analyze", unit="doc"):
+            with record_gates(model) as gates:
+                model(input_ids=torch.tensor([ids]), use_cache=False)
+            kept, counted = gate_density(gates, cfg.threshold, cfg.window, sinks=cfg.sinks)
+            kept_sum, counted_sum = kept_sum + kept, counted_sum + counted
+            per_doc.append({"doc_id": doc_id, "length": len(ids), "density": float((kept / counted.clamp(min=1)).mean()),
+                            "density_token_weighted": float(kept.sum() / counted.sum().clamp(min=1))})
+    per_head = kept_sum / counted_sum.clamp(min=1)
+    lengths = [math.log2(d["length"]) for d in per_doc]
+    return {
+        "threshold": cfg.threshold, "window": cfg.window, "layers": cfg.layers, "documents": per_doc,
+        "density": float(per_head.mean()), "density_per_layer_head": per_head.tolist(),
+        "fit_log2_length": fit_line(lengths, [d["density"] for d in per_doc]),
+    }
+
+
+def analysis_markdown(result: dict[str, Any]) -> str:
+    fit = result["fit_log2_length"]
+    lines = [
+        f"Density of {result['model']} + `{result['adapter']}` at tau {result['threshold']:g} (window {result['window']}), "
+        f"{len(result['documents'])} held-out documents, each at its own length.",
+        "",
+        f"- Pooled density (mean over layers x KV heads): **{100 * result['density']:.1f}%**.",
+        f"- Density = {fit['slope']:+.4f} x log2(length) + {fit['intercept']:.3f}, R^2 = {fit['r2']:.2f} "
+        f"({'denser' if fit['slope'] > 0 else 'sparser'} for longer documents: {100 * fit['slope']:+.2f} points per doubling).",
+        "",
+        "| document | tokens | density | density (token-weighted) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for d in result["documents"]:
+        lines.append(f"| {d['doc_id']} | {d['length']} | {100 * d['density']:.1f}% | {100 * d['density_token_weighted']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_analysis(result: dict[str, Any], out: Path) -> list[Path]:
+    """density_heatmap.png (layer x KV head) and density_vs_length.png (per document + fit)."""
+    plt = pyplot()
+    grid = torch.tensor(result["density_per_layer_head"])  # [layers, Hkv]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * grid.shape[1], 0.8 + 0.22 * grid.shape[0]))
+    im = ax.imshow((grid * 100).numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=100)
+    ax.set_xlabel("KV head")
+    ax.set_ylabel("layer")
+    ax.set_yticks(range(len(result["layers"])), [str(i) for i in result["layers"]], fontsize=7)
+    ax.set_xticks(range(grid.shape[1]))
+    ax.set_title(f"kept out-of-window pairs (%), tau {result['threshold']:g}", fontsize=9)
+    fig.colorbar(im, ax=ax)
+    heatmap = save_figure(fig, out / "density_heatmap.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    xs = [d["length"] for d in result["documents"]]
+    ax.scatter(xs, [100 * d["density"] for d in result["documents"]], s=18, label="document")
+    fit = result["fit_log2_length"]
+    line_x = sorted(xs)
+    ax.plot(line_x, [100 * (fit["slope"] * math.log2(x) + fit["intercept"]) for x in line_x], color="C1",
+            label=f"fit: {100 * fit['slope']:+.2f} pts/doubling, R^2={fit['r2']:.2f}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("document length (tokens)")
+    ax.set_ylabel("density (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    scatter = save_figure(fig, out / "density_vs_length.png")
+    plt.close(fig)
+    return [heatmap, scatter]

@@ -1,0 +1,151 @@
+"""Matched-density comparison, the KVzap surrogate, Expected Attention and the density analysis."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from spkv import SPKVConfig, convert, save_adapter
+from spkv.analysis import analyze, fit_line
+from spkv.cache import SPKVCache, cache_stats
+from spkv.cli import main
+from spkv.evaluate import HeldoutSet, nll_full_sequence, nll_with_policy
+from spkv.kvzap import fit_kvzap, importance_target, installed, load_regressors, save_regressors
+from spkv.matched import MatchSettings, calibrate, decides_late
+from spkv.models import load_model
+from spkv.policies import H2O, ExpectedAttention, KeyNorm, KVzap
+
+from .tiny_models import VOCAB, save_tiny_pretrained, tiny_model
+
+
+def _data(n: int = 3, length: int = 320, seed: int = 0) -> HeldoutSet:
+    g = torch.Generator().manual_seed(seed)
+    return HeldoutSet(torch.randint(3, VOCAB, (n, length), generator=g), [f"d{i}" for i in range(n)], ["rand"] * n)
+
+
+@pytest.fixture(scope="module")
+def control():
+    model = convert(tiny_model("llama"), SPKVConfig(window=32, threshold=0.0)).eval()
+    return model
+
+
+@pytest.mark.parametrize("policy_cls", [KeyNorm, H2O, ExpectedAttention])
+def test_calibration_reaches_target_density(control, policy_cls):
+    data = _data(2)
+    settings = MatchSettings(tolerance=0.02, chunk=16, exact_chunk=64, max_iterations=8)
+    chunk = settings.chunk if decides_late(policy_cls) else settings.exact_chunk
+    settings.chunk = chunk
+    calib = calibrate(control, data, lambda t: policy_cls(threshold=t), 0.3, settings)
+    assert abs(calib.density - 0.3) <= 0.02, calib.history
+    # the reported density is the cache's own count at that threshold, not the guess
+    measured = nll_with_policy(control, data, policy_cls(threshold=calib.threshold), sinks=4, chunk=chunk).density
+    assert measured == pytest.approx(calib.density)
+
+
+def test_importance_target_is_max_attention_beyond_window():
+    t, window = 6, 2
+    w = torch.zeros(1, 2, t, t)  # two query heads, one KV head
+    w[0, 0, 5, 1] = 0.7  # query 5 sees key 1 from 4 positions away: counts
+    w[0, 1, 2, 1] = 0.9  # query 2 sees key 1 inside the window: does not count
+    target, rows = importance_target(w, num_kv_heads=1, window=window)
+    assert target[0, 1, 0] == pytest.approx(math.log(0.7 + 1e-6))
+    assert rows.tolist() == [True, True, True, True, False, False]  # keys 4, 5: no query beyond the window
+
+
+def test_kvzap_fit_install_and_roundtrip(control, tmp_path):
+    regressors = fit_kvzap(control, _data(2, 128).input_ids, window=32)
+    predictor_before = dict(control.model.layers[0].self_attn.named_modules())["spkv_predictor"]
+    with installed(control, regressors):
+        assert control.model.layers[0].self_attn.spkv_predictor is regressors[0]
+        r = nll_with_policy(control, _data(1), KVzap(threshold=-3.0), chunk=64)
+        assert 0.0 <= r.density <= 1.0
+    assert control.model.layers[0].self_attn.spkv_predictor is predictor_before
+    save_regressors(regressors, tmp_path / "kvzap.safetensors", {"seed": 0})
+    loaded = load_regressors(tmp_path / "kvzap.safetensors")
+    x = torch.randn(1, 5, control.config.hidden_size)
+    assert torch.equal(loaded[1](x), regressors[1](x))
+    with pytest.raises(RuntimeError, match="kvzap"):
+        KVzap(threshold=0.0).score_new(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8), None)
+
+
+def test_expected_attention_matches_gaussian_expectation():
+    torch.manual_seed(0)
+    d, r = 8, 5
+    queries = torch.randn(1, 1, 1, 4000, d) * 0.5 + 0.3  # [B, Hkv, G, Q, D]
+    keys, values = torch.randn(1, 1, r, d), torch.ones(1, 1, r, d)
+    scaling = 0.5
+    scores = ExpectedAttention(epsilon=0.0).observe_queries(torch.zeros(1, 1, r), keys, values, queries, scaling)
+    # Monte Carlo: mean over the queries of exp(s q.k), normalised over the keys, times ||v||
+    mc = torch.exp(scaling * queries[0, 0, 0] @ keys[0, 0].T).mean(0)
+    expected = mc / mc.sum() * math.sqrt(d)
+    assert torch.allclose(scores[0, 0], expected, rtol=0.05)
+
+
+def test_expected_attention_through_the_cache_is_exact_token_by_token(control):
+    """Chunk 1 through the cache decides with exactly the last `window` queries (checked by replay)."""
+    ids = _data(1, 100).input_ids
+    cache = SPKVCache(control, policy=ExpectedAttention(threshold=0.02), sinks=0)
+    with torch.no_grad():
+        for s in range(ids.shape[1]):
+            control(input_ids=ids[:, s : s + 1], past_key_values=cache)
+    layer = cache.spkv_layers()[0]
+    assert layer.recent_q.shape[3] == control.spkv_config.window
+    stats = cache_stats(cache)
+    assert int(stats.decided.sum()) > 0 and 0 < stats.density < 1
+
+
+def test_fit_line_and_analyze(control):
+    fit = fit_line([1, 2, 3, 4], [3, 5, 7, 9])
+    assert fit["slope"] == pytest.approx(2) and fit["intercept"] == pytest.approx(1) and fit["r2"] == pytest.approx(1)
+    model = convert(tiny_model("llama", seed=1), SPKVConfig(window=32, threshold=0.5)).eval()
+    for p in model.model.layers[0].self_attn.spkv_predictor.parameters():
+        torch.nn.init.normal_(p, std=1.0)  # some gates below tau
+    data = _data(2, 200)
+    docs = [(doc_id, row.tolist()) for doc_id, row in zip(data.doc_ids, data.input_ids)]
+    result = analyze(model, docs)
+    reference = nll_full_sequence(model, data)
+    assert [d["density"] for d in result["documents"]] == pytest.approx(reference.density_per_sequence)
+    assert torch.allclose(torch.tensor(result["density_per_layer_head"]), torch.tensor(reference.density_per_layer_head))
+    assert 0 < result["density"] < 1
+
+
+def test_eval_matched_and_analyze_cli(tmp_path, monkeypatch):
+    """The quick end-to-end run CI does: tiny model, SP-KV and control adapters, every baseline."""
+    path = save_tiny_pretrained(tmp_path / "model", words=60)
+    model, tokenizer = load_model(str(path))
+    convert(model, SPKVConfig(window=32, threshold=0.5))
+    for p in model.model.layers[1].self_attn.spkv_predictor.parameters():
+        torch.nn.init.normal_(p, std=1.0)
+    save_adapter(model, tmp_path / "spkv")
+    ctrl, _ = load_model(str(path))
+    save_adapter(convert(ctrl, SPKVConfig(window=32, threshold=0.0)), tmp_path / "control")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 4), ("heldout", 3)):
+        docs = [{"id": f"{split}{i}", "source": "words", "text": " ".join(f"w{int(j)}" for j in torch.randint(0, 60, (300 + 50 * i,), generator=g))}
+                for i in range(n)]
+        (corpus / f"{split}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    monkeypatch.setenv("SPKV_CORPUS", str(corpus))
+    out = tmp_path / "eval"
+    main(["eval", "matched", "--model", str(path), "--adapter", str(tmp_path / "spkv"), "--control", str(tmp_path / "control"),
+          "--seq-len", "256", "--sequences", "2", "--calibration-sequences", "1", "--chunk", "16", "--kvzap-sequences", "2",
+          "--kvzap-seq-len", "128", "--out", str(out)])
+    result = json.loads((out / "matched.json").read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert {"base model", "dense control", "SP-KV", "streaming", "h2o", "tova", "key_norm", "expected_attention", "kvzap", "random"} <= set(rows)
+    target = rows["SP-KV"]["density"]
+    assert 0 < target < 1
+    for m in ("h2o", "tova", "key_norm", "expected_attention", "kvzap", "random"):
+        assert abs(rows[m]["density"] - target) <= 0.01 + 1e-9, (m, rows[m]["calibration"])
+    assert "exactness" in rows["h2o"] and "exactness" not in rows["key_norm"]
+    assert rows["dense control"]["dnll_pct"] == 0.0
+    assert (out / "matched.md").exists() and (out / "quality_vs_density.png").exists()
+    assert not (out / "matched.partial.json").exists()
+    main(["analyze", "--model", str(path), "--adapter", str(tmp_path / "spkv"), "--documents", "3", "--min-len", "100",
+          "--out", str(tmp_path / "analysis")])
+    analysis = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
+    assert len(analysis["documents"]) == 3 and (tmp_path / "analysis" / "density_heatmap.png").exists()
