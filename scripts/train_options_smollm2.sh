@@ -2,7 +2,7 @@
 # Issue 4's options comparison at equal tokens (163,840 each, the shipped run's budget and data order):
 # each run changes one thing against the shipped SP-KV recipe (scripts/train_smollm2.sh), then is
 # evaluated at tau 0.5 on the same 16 held-out documents against the same dense control.
-# Resumable: run it again and unfinished runs continue from their checkpoints. THREADS (default 1)
+# scripts/options_report.py then tabulates them. Resumable: run it again and unfinished runs continue from their checkpoints. THREADS (default 1)
 # sets torch threads so the job can share the machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,5 +25,6 @@ for name in "${order[@]}"; do
   if [ ! -f results/train/options/$name/nll_sweep.json ]; then
     .venv/bin/spkv eval nll --model smollm2-135m --adapter $out/adapter --control adapters/smollm2-135m-control \
         --thresholds 0.5 --seq-len 2048 --sequences 16 --out results/train/options/$name
+    cp $out/train_config.json $out/log.jsonl results/train/options/$name/
   fi
 done

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Issue 5's matched-density table for the shipped SmolLM2-135M adapter: base, dense control, SP-KV at
+# tau 0.5 and every post-hoc baseline calibrated to SP-KV's density, at 2k tokens on the 16 held-out
+# documents of results/train. Resumable (--resume reuses finished rows). Then the density analysis.
+# THREADS (default: torch's) sets the torch threads. Needs `spkv data` first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
+.venv/bin/spkv eval matched --model smollm2-135m --adapter adapters/smollm2-135m-spkv \
+    --control adapters/smollm2-135m-control --tau 0.5 --seq-len 2048 --sequences 16 \
+    --calibration-sequences 2 --chunk 32 --exactness-sequences 1 --exactness-tokens 1024 \
+    --methods streaming key_norm kvzap random h2o tova expected_attention --out results/eval/smollm2 --resume
+.venv/bin/spkv analyze --model smollm2-135m --adapter adapters/smollm2-135m-spkv --documents 12 --min-len 512 \
+    --max-len 8192 --out results/analysis/smollm2

@@ -1,0 +1,59 @@
+"""Issue 4's options comparison at equal tokens, from the result files (never typed by hand).
+
+Reads the shipped run (results/train/nll_sweep.json) and every results/train/options/NAME/nll_sweep.json
+written by scripts/train_options_smollm2.sh, and writes results/train/options.md + options.json:
+per option, what it changed, its tokens, and at tau 0.5 the density and dNLL% vs the same dense
+control with the paired standard error. Run: .venv/bin/python scripts/options_report.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from spkv.evaluate import paired_dnll_stderr  # noqa: E402
+from spkv.results import atomic_write_text, write_json  # noqa: E402
+
+RECIPE_KEYS = ("train_llm", "predictor_lr_mult", "density_target", "density_weight", "distill_weight", "lr", "max_tokens")
+
+
+def row(name: str, sweep_path: Path, config_path: Path) -> dict:
+    sweep = json.loads(sweep_path.read_text())
+    reference = next(r for r in sweep["rows"] if r["method"] == sweep["reference"])
+    spkv = next(r for r in sweep["rows"] if r["method"] == "SP-KV" and r["threshold"] == 0.5)
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    return {
+        "option": name, "recipe": {k: config.get(k) for k in RECIPE_KEYS}, "train_tokens": sweep["train_tokens"],
+        "density": spkv["density"], "dnll_pct": spkv["dnll_pct_vs_reference"], "dnll_pct_stderr": paired_dnll_stderr([spkv], reference)[0],
+        "nll": spkv["nll"], "reference_nll": reference["nll"], "sweep": str(sweep_path.relative_to(ROOT)),
+    }
+
+
+def main() -> None:
+    rows = [row("shipped (reg 0.25, predictor LR x25)", ROOT / "results/train/nll_sweep.json", ROOT / "adapters/smollm2-135m-spkv/train_config.json")]
+    for sweep in sorted((ROOT / "results/train/options").glob("*/nll_sweep.json")):
+        name = sweep.parent.name
+        rows.append(row(name, sweep, sweep.parent / "train_config.json"))
+    lines = [
+        "SP-KV training options at equal tokens on SmolLM2-135M: held-out NLL at 2k tokens on the same 16 documents, "
+        "SP-KV at tau 0.5 against the same dense control. Target: density <= 35% with dNLL <= +1%.",
+        "",
+        "| option | train LLM | predictor LR x | density target / weight | distill weight | tokens | density | dNLL% vs control (± paired s.e.) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        c = r["recipe"]
+        reg = f"{c['density_target']} / {c['density_weight']}" if c.get("density_target") is not None else "off"
+        lines.append(f"| {r['option']} | {c.get('train_llm')} | {c.get('predictor_lr_mult')} | {reg} | {c.get('distill_weight')} "
+                     f"| {r['train_tokens']} | {100 * r['density']:.1f}% | {r['dnll_pct']:+.2f}% ± {r['dnll_pct_stderr']:.2f} |")
+    write_json(ROOT / "results/train/options.json", {"rows": rows})
+    atomic_write_text(ROOT / "results/train/options.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
