@@ -151,6 +151,38 @@ def cmd_eval_matched(args: argparse.Namespace) -> None:
     print(matched_markdown(result))
 
 
+def cmd_eval_tasks(args: argparse.Namespace) -> None:
+    from spkv import ruler
+    from spkv.results import atomic_write_text, write_json
+
+    methods = ruler.parse_methods(args.methods, args.method_thresholds)
+    model, tokenizer = _load(argparse.Namespace(model=args.model, adapter=args.adapter, threshold=None))
+    result = ruler.run_methods(
+        model, tokenizer, methods, lengths=args.lengths or ([512] if args.quick else ruler.DEFAULT_LENGTHS),
+        tasks=args.tasks or ruler.TASKS, samples_per_cell=args.samples or (1 if args.quick else 4), seed=args.seed,
+        max_new_tokens=args.max_new_tokens or (16 if args.quick else None), prefill_chunk=args.prefill_chunk,
+        config=ruler.TaskConfig(haystack=args.haystack, corpus=args.heldout),
+    )
+    out = Path(args.out)
+    write_json(out / "tasks.json", {"model": args.model, "adapter": args.adapter, **result})
+    atomic_write_text(out / "tasks.md", ruler.tasks_markdown(result))
+    print(ruler.tasks_markdown(result))
+
+
+def cmd_eval_lm_eval(args: argparse.Namespace) -> None:
+    from spkv.lm_eval_harness import HarnessConfig, results_markdown, run_tasks
+    from spkv.results import atomic_write_text, write_json
+
+    model, tokenizer = _load(args)
+    config = HarnessConfig(tasks=[t for t in args.tasks.split(",") if t], include_path=args.include_path,
+                           limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size)
+    result = run_tasks(model, tokenizer, config)
+    out = Path(args.out)
+    write_json(out / "lm_eval.json", {"model": args.model, "adapter": args.adapter, **result})
+    atomic_write_text(out / "lm_eval.md", results_markdown(result))
+    print(results_markdown(result))
+
+
 def cmd_analyze(args: argparse.Namespace) -> None:
     from spkv.adapter import load_adapter
     from spkv.analysis import analysis_markdown, analyze, documents_by_length, plot_analysis
@@ -281,6 +313,34 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--resume", action="store_true", help="reuse the rows of an interrupted run (OUT/matched.partial.json)")
     em.add_argument("--out", default="results/eval")
     em.set_defaults(func=cmd_eval_matched)
+    et = esub.add_parser("tasks", help="RULER-style long-context tasks (needles, variable tracking, word extraction) per method")
+    et.add_argument("--model", default="smollm2-135m")
+    et.add_argument("--adapter", help="SP-KV adapter (without one the predictors are untrained and keep almost every pair)")
+    et.add_argument("--lengths", type=int, nargs="+", help="target lengths in tokens (default 1024 2048 4096 8192; --quick 512); "
+                    "lengths beyond the model's positions are skipped")
+    et.add_argument("--tasks", nargs="+", help="default: all of niah_single niah_multikey niah_multivalue niah_multiquery vt cwe fwe")
+    et.add_argument("--samples", type=int, help="samples per task x length (default 4; --quick 1)")
+    et.add_argument("--seed", type=int, default=0)
+    et.add_argument("--methods", nargs="+", default=["dense", "spkv"],
+                    help="dense (keep every pair), spkv (the adapter's predictor) or policy names (spkv.policies.POLICIES)")
+    et.add_argument("--threshold", dest="method_thresholds", nargs="+", metavar="NAME=VALUE",
+                    help="threshold per method, e.g. spkv=0.5 h2o=0.01 (default: spkv the adapter's tau, policies their own)")
+    et.add_argument("--max-new-tokens", type=int, help="answer budget (default per task as in RULER; --quick 16)")
+    et.add_argument("--prefill-chunk", type=int, default=512)
+    et.add_argument("--haystack", choices=["noise", "corpus"], default="noise", help="filler: RULER's noise sentences or held-out text")
+    et.add_argument("--heldout", help="held-out .jsonl for --haystack corpus (default: the spkv data corpus)")
+    et.add_argument("--quick", action="store_true", help="a smoke run: 512 tokens, 1 sample, 16 new tokens")
+    et.add_argument("--out", default="results/tasks")
+    et.set_defaults(func=cmd_eval_tasks)
+    el = esub.add_parser("lm-eval", help="lm-evaluation-harness tasks on the SP-KV model (needs the tasks' datasets)")
+    _add_model_args(el)
+    el.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. hellaswag,arc_easy")
+    el.add_argument("--include-path", help="folder of extra task YAMLs (local data)")
+    el.add_argument("--limit", type=int, help="documents per task")
+    el.add_argument("--num-fewshot", type=int)
+    el.add_argument("--batch-size", type=int, default=1, help="1 keeps the loglikelihood density count exact")
+    el.add_argument("--out", default="results/lm_eval")
+    el.set_defaults(func=cmd_eval_lm_eval)
 
     a = sub.add_parser("analyze", help="where an SP-KV model keeps memory: density per layer x head and against length")
     a.add_argument("--model", default="smollm2-135m")

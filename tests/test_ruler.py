@@ -1,0 +1,197 @@
+"""The RULER-style task suite: deterministic, fitted to token lengths, answers where they should be,
+RULER's scoring, and a run through the real compressed cache on a tiny model (offline, seconds)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+import spkv
+from spkv import ruler
+from spkv.policies import RandomPolicy
+
+from .test_core import randomize_gates
+from .tiny_models import tiny_model
+
+TOLERANCE = 24  # tokens: one haystack unit (a sentence, a word, or one cwe word's occurrences)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads; on a shared, loaded CPU two threads run ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@lru_cache(maxsize=1)
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained in milliseconds on the suite's own vocabulary: round-trips every
+    prompt exactly and splits words and numbers into several tokens, like a real tokenizer."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = [" ".join(ruler.NOISE), " ".join(ruler.WORDS), "The special magic numbers VAR Question Answer"] * 3
+    tok.train_from_iterator(text, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_bpe_model(path: Path) -> Path:
+    """A loadable folder: tiny random Llama + the BPE tokenizer (for the CLI)."""
+    tok = bpe_tokenizer()
+    tok.save_pretrained(path)
+    tiny_model("llama", vocab_size=len(tok), pad_token_id=0, bos_token_id=1, eos_token_id=2).save_pretrained(path)
+    return path
+
+
+def context(sample: ruler.Sample) -> str:
+    return sample.prompt[sample.context_span[0] : sample.context_span[1]]
+
+
+@pytest.mark.parametrize("task", ruler.TASKS)
+def test_deterministic_per_seed_and_fitted_to_length(task):
+    tok = bpe_tokenizer()
+    a = ruler.make_sample(task, 1024, 0, tok, seed=7)
+    assert a == ruler.make_sample(task, 1024, 0, tok, seed=7)
+    assert a.prompt != ruler.make_sample(task, 1024, 0, tok, seed=8).prompt
+    assert a.prompt != ruler.make_sample(task, 1024, 1, tok, seed=7).prompt
+    for length in (512, 1024, 2048):
+        s = ruler.make_sample(task, length, 0, tok, seed=7, max_new_tokens=16)
+        budget = length - 16
+        assert s.prompt_tokens == len(tok(s.prompt).input_ids)
+        assert budget - TOLERANCE <= s.prompt_tokens <= budget, (length, s.prompt_tokens)
+        assert tok.decode(tok(s.prompt).input_ids) == s.prompt
+    assert a.max_new_tokens == ruler.TaskConfig().max_new_tokens[task]
+
+
+@pytest.mark.parametrize("task", ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"])
+def test_needles_hold_the_answers_at_their_depths(task):
+    s = ruler.make_sample(task, 2048, 3, bpe_tokenizer(), seed=1)
+    ctx = context(s)
+    expected = {"niah_single": (1, 1), "niah_multikey": (1, 4), "niah_multivalue": (4, 4), "niah_multiquery": (4, 4)}[task]
+    assert (len(s.answers), len(s.needles)) == expected
+    for needle, depth in zip(s.needles, s.depths):
+        assert ctx.count(needle) == 1
+        assert ctx.index(needle) / len(ctx) == pytest.approx(depth, abs=0.03)
+    for answer in s.answers:
+        assert ctx.count(answer) == 1  # in exactly one needle, never elsewhere
+        assert any(answer in n for n in s.needles)
+    keys = [re.search(r"for (\S+) is:", n).group(1) for n in s.needles if any(a in n for a in s.answers)]
+    question = s.prompt[s.context_span[1] :]
+    assert all(k in question for k in keys)
+    if task == "niah_multikey":  # the distractors' keys are not asked
+        others = [re.search(r"for (\S+) is:", n).group(1) for n in s.needles if not any(a in n for a in s.answers)]
+        assert len(others) == 3 and not any(k in question for k in others)
+    assert s.prompt.endswith("mentioned in the provided text are")
+
+
+def test_variable_tracking_chain_in_order():
+    s = ruler.make_sample("vt", 2048, 0, bpe_tokenizer(), seed=2)
+    ctx = context(s)
+    positions = [ctx.index(n) for n in s.needles]
+    assert positions == sorted(positions) and s.depths == sorted(s.depths)
+    value = re.search(r"= (\d+)\.", s.needles[0]).group(1)
+    assert s.answers == [re.match(r"VAR (\w+)", n).group(1) for n in s.needles]
+    for prev, nxt in zip(s.answers, s.answers[1:]):
+        assert f"VAR {nxt} = VAR {prev}." in ctx
+    assert f"assigned the value {value}" in s.prompt[s.context_span[1] :]
+
+
+def test_common_and_frequent_words_are_the_most_frequent():
+    tok = bpe_tokenizer()
+    cwe = ruler.make_sample("cwe", 4096, 0, tok, seed=3)
+    counts = Counter(re.findall(r"\d+\. (\S+)", context(cwe)))
+    assert len(cwe.answers) == 10
+    least_common = min(counts[a] for a in cwe.answers)
+    assert least_common > max(c for w, c in counts.items() if w not in cwe.answers)
+    assert len(counts) > 40
+    fwe = ruler.make_sample("fwe", 4096, 0, tok, seed=3)
+    top = [w for w, _ in Counter(context(fwe).split()).most_common(4)]
+    assert top[0] == "...." and top[1:] == fwe.answers
+    assert ruler.zipf_counts(50, 8, 2.0, 4)[:6] == sorted(set(ruler.zipf_counts(50, 8, 2.0, 4)[:6]), reverse=True)
+
+
+def test_word_lists_never_hide_one_word_in_another():
+    words = ruler.WORDS
+    assert len(words) > 400
+    assert not any(a != b and a in b for a in words for b in words)
+
+
+def test_corpus_haystack(tmp_path):
+    corpus = tmp_path / "heldout.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "text": f"Document {i} says alpha beta gamma delta. " * 40}) + "\n"
+                              for i in range(5)))
+    cfg = ruler.TaskConfig(haystack="corpus", corpus=str(corpus))
+    s = ruler.make_sample("niah_single", 1024, 0, bpe_tokenizer(), config=cfg)
+    assert "Document" in context(s) and s.needles[0] in context(s)
+    assert 1024 - s.max_new_tokens - TOLERANCE <= s.prompt_tokens
+    with pytest.raises(FileNotFoundError, match="spkv data"):
+        ruler.make_sample("niah_single", 1024, 0, bpe_tokenizer(),
+                          config=ruler.TaskConfig(haystack="corpus", corpus=str(tmp_path / "missing.jsonl")))
+
+
+def test_string_match_scoring():
+    answers = ["1234567", "7654321"]
+    assert ruler.string_match_all(" 1234567 and 7654321.", answers) == 1.0
+    assert ruler.string_match_all(" 1234567, then nothing", answers) == 0.5
+    assert ruler.string_match_all("no numbers", answers) == 0.0
+    assert ruler.string_match_all("The words: Apple, BANANA", ["apple", "banana", "cherry"]) == pytest.approx(2 / 3)
+    rows = [{"task": "t", "length": 8, "score": s, "density": d, "prompt_tokens": 5} for s, d in [(1.0, 0.2), (0.5, None)]]
+    assert ruler.summarize(rows) == [{"task": "t", "length": 8, "n": 2, "score": 0.75, "density": 0.2, "prompt_tokens": 5}]
+
+
+def test_too_short_a_length_says_so():
+    with pytest.raises(ValueError, match="too short for task niah_single"):
+        ruler.make_sample("niah_single", 64, 0, bpe_tokenizer())
+
+
+def test_run_suite_through_the_compressed_cache():
+    tok = bpe_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=512)
+    spkv.convert(model, spkv.SPKVConfig(window=16, threshold=0.5))
+    randomize_gates(model, seed=1)
+    result = ruler.run_suite(
+        model, tok, lengths=[448, 1024], tasks=["niah_multikey", "vt", "fwe"], samples_per_cell=2, seed=0,
+        make_cache=lambda: spkv.SPKVCache(model, policy=RandomPolicy(threshold=0.5), sinks=4),
+        max_new_tokens=4, prefill_chunk=64,
+    )
+    assert result["lengths"] == [448] and result["skipped_lengths"] == [1024]  # beyond the model's 512 positions
+    assert len(result["cells"]) == 3 and len(result["samples"]) == 6
+    for cell in result["cells"]:
+        assert 0.0 <= cell["score"] <= 1.0
+        assert 0.35 < cell["density"] < 0.65  # random scores, threshold 0.5
+    for row in result["samples"]:
+        assert row["score"] == ruler.string_match_all(row["prediction"], row["answers"])
+
+    methods = [ruler.Method("dense"), ruler.Method("spkv"), ruler.Method("streaming", threshold=0.0)]
+    both = ruler.run_methods(model, tok, methods, lengths=[448], tasks=["niah_single"], samples_per_cell=1,
+                             max_new_tokens=4, prefill_chunk=64)
+    density = {r["method"]: r["cells"][0]["density"] for r in both["methods"]}
+    assert density["dense"] == 1.0 and density["streaming"] == 0.0 and 0.2 < density["spkv"] < 0.8
+    table = ruler.tasks_markdown(both)
+    assert "| spkv | niah_single |" in table and "retention vs dense" in table
+
+
+def test_cli_quick(tmp_path, monkeypatch):
+    from spkv.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_dir = save_tiny_bpe_model(tmp_path / "model")
+    out = tmp_path / "out"
+    main(["eval", "tasks", "--model", str(model_dir), "--quick", "--lengths", "384", "--tasks", "niah_single", "cwe",
+          "--methods", "dense", "spkv", "random", "--threshold", "random=0.5", "--out", str(out)])
+    result = json.loads((out / "tasks.json").read_text())
+    assert [m["label"] for m in result["methods"]] == ["dense", "spkv", "random (tau=0.5)"]
+    assert result["lengths"] == [384] and "provenance" in result
+    assert "| random (tau=0.5) | cwe |" in (out / "tasks.md").read_text()
