@@ -141,7 +141,7 @@ def cmd_eval_matched(args: argparse.Namespace) -> None:
     if args.resume and partial.exists():
         done = {r["method"]: r for r in json.loads(partial.read_text())["rows"]}
     settings = MatchSettings(chunk=args.chunk, calibration_sequences=args.calibration_sequences,
-                             exactness_sequences=args.exactness_sequences)
+                             exactness_sequences=args.exactness_sequences, exactness_tokens=args.exactness_tokens)
     result = compare(args.model, args.adapter, args.control, args.tau, args.methods, data, settings, out,
                      kvzap_train=kvzap_train, done=done, save=lambda rows: write_json(partial, rows))
     write_json(out / "matched.json", result)
@@ -308,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--chunk", type=int, default=32, help="prefill chunk for attention-based baselines (error vs chunk 1 is measured)")
     em.add_argument("--calibration-sequences", type=int, default=4)
     em.add_argument("--exactness-sequences", type=int, default=1, help="documents re-run token by token to measure the chunking error")
+    em.add_argument("--exactness-tokens", type=int, default=1024, help="... on their first tokens")
     em.add_argument("--kvzap-sequences", type=int, default=16, help="training-split sequences to fit the KVzap surrogate")
     em.add_argument("--kvzap-seq-len", type=int, default=1024)
     em.add_argument("--resume", action="store_true", help="reuse the rows of an interrupted run (OUT/matched.partial.json)")
