@@ -155,17 +155,35 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
     from spkv import ruler
     from spkv.results import atomic_write_text, write_json
 
-    methods = ruler.parse_methods(args.methods, args.method_thresholds)
+    methods = ruler.parse_methods(args.methods, args.method_thresholds, calibrated=args.match_density is not None)
     model, tokenizer = _load(argparse.Namespace(model=args.model, adapter=args.adapter, threshold=None))
+    out = Path(args.out)
+    calibration = None
+    if args.match_density is not None:  # every policy's threshold set to this density on held-out text
+        from spkv.evaluate import heldout_set
+        from spkv.matched import MatchSettings, calibrate_methods
+
+        data = heldout_set(tokenizer, seq_len=args.calibration_len, max_sequences=args.calibration_sequences, corpus=args.heldout)
+        names = [m.name for m in methods if m.name not in ("dense", "spkv") and m.threshold is None]
+        found = calibrate_methods(model, data, names, args.match_density, MatchSettings(chunk=args.prefill_chunk))
+        methods = [dataclasses.replace(m, threshold=found[m.name].threshold) if m.name in found else m for m in methods]
+        calibration = {"target_density": args.match_density, "documents": data.doc_ids, "tokens": args.calibration_len,
+                       "methods": {k: dataclasses.asdict(v) for k, v in found.items()}}
+    partial = out / "tasks.partial.json"
+    done = {}
+    if args.resume and partial.exists():
+        done = {r["label"]: r for r in json.loads(partial.read_text())["methods"]}
+    head = {"model": args.model, "adapter": args.adapter, "calibration": calibration}
     result = ruler.run_methods(
         model, tokenizer, methods, lengths=args.lengths or ([512] if args.quick else ruler.DEFAULT_LENGTHS),
         tasks=args.tasks or ruler.TASKS, samples_per_cell=args.samples or (1 if args.quick else 4), seed=args.seed,
         max_new_tokens=args.max_new_tokens or (16 if args.quick else None), prefill_chunk=args.prefill_chunk,
-        config=ruler.TaskConfig(haystack=args.haystack, corpus=args.heldout),
+        config=ruler.TaskConfig(haystack=args.haystack, corpus=args.heldout), done=done,
+        save=lambda partial_result: write_json(partial, {**head, **partial_result}),
     )
-    out = Path(args.out)
-    write_json(out / "tasks.json", {"model": args.model, "adapter": args.adapter, **result})
+    write_json(out / "tasks.json", {**head, **result})
     atomic_write_text(out / "tasks.md", ruler.tasks_markdown(result))
+    partial.unlink(missing_ok=True)
     print(ruler.tasks_markdown(result))
 
 
@@ -331,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--haystack", choices=["noise", "corpus"], default="noise", help="filler: RULER's noise sentences or held-out text")
     et.add_argument("--heldout", help="held-out .jsonl for --haystack corpus (default: the spkv data corpus)")
     et.add_argument("--quick", action="store_true", help="a smoke run: 512 tokens, 1 sample, 16 new tokens")
+    et.add_argument("--match-density", type=float, help="calibrate every policy without a --threshold to this density "
+                    "(mean over layers x heads) on held-out text first, as spkv eval matched does")
+    et.add_argument("--calibration-sequences", type=int, default=2, help="held-out documents for --match-density")
+    et.add_argument("--calibration-len", type=int, default=2048, help="their tokens")
+    et.add_argument("--resume", action="store_true", help="reuse finished methods of an interrupted run (OUT/tasks.partial.json)")
     et.add_argument("--out", default="results/tasks")
     et.set_defaults(func=cmd_eval_tasks)
     el = esub.add_parser("lm-eval", help="lm-evaluation-harness tasks on the SP-KV model (needs the tasks' datasets)")

@@ -126,6 +126,19 @@ def calibrate(model: torch.nn.Module, data: HeldoutSet, make_policy: Callable[[f
     return Calibration(best[0], best[1], history)
 
 
+def calibrate_methods(model: torch.nn.Module, data: HeldoutSet, methods: list[str], target: float,
+                      settings: MatchSettings) -> dict[str, Calibration]:
+    """Thresholds at which each policy's density matches `target` on `data` (prefill chunk
+    settings.chunk for every policy, as the caller will run them), e.g. for the task suite."""
+    out = {}
+    for method in methods:
+        if method in UNMATCHED:
+            continue
+        cls = POLICIES[method]
+        out[method] = calibrate(model, data, lambda t, c=cls: c(threshold=t), target, settings, desc=f"{method} calibrate")
+    return out
+
+
 def matched_row(model: torch.nn.Module, data: HeldoutSet, method: str, target: float, settings: MatchSettings,
                 policy_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """One baseline: calibrate on the first documents, run on all, re-calibrate once if the full

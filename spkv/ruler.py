@@ -538,16 +538,26 @@ def cache_factory(model: torch.nn.Module, method: Method) -> Callable[[], Cache 
 def run_methods(model: torch.nn.Module, tokenizer: Any, methods: list[Method], lengths: Iterable[int] = DEFAULT_LENGTHS,
                 tasks: Iterable[str] = TASKS, samples_per_cell: int = 4, seed: int = 0,
                 max_new_tokens: int | None = None, prefill_chunk: int | None = 512,
-                config: TaskConfig | None = None) -> dict[str, Any]:
-    """The same samples for every method -> {"methods": [{"method", "threshold", "cells", "samples"}], ...}."""
+                config: TaskConfig | None = None, done: dict[str, dict[str, Any]] | None = None,
+                save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The same samples for every method -> {"methods": [{"method", "threshold", "cells", "samples"}], ...}.
+
+    `done` holds finished runs of an interrupted call (by label), reused as they are; `save` gets the
+    partial result after every method, so a long suite can resume."""
     cfg, tasks = config or TaskConfig(), list(tasks)
     ok, skipped = usable_lengths(model, lengths)
     samples = build_suite(tokenizer, ok, tasks, samples_per_cell, seed, cfg, max_new_tokens)
+    header = _header(ok, skipped, tasks, samples_per_cell, seed, prefill_chunk, cfg)
     runs = []
     for m in methods:
-        res = evaluate_samples(model, tokenizer, samples, cache_factory(model, m), prefill_chunk, desc=m.label)
-        runs.append({"method": m.name, "label": m.label, "threshold": m.threshold, "sinks": m.sinks, **res})
-    return {**_header(ok, skipped, tasks, samples_per_cell, seed, prefill_chunk, cfg), "methods": runs}
+        if done and m.label in done:
+            runs.append(done[m.label])
+        else:
+            res = evaluate_samples(model, tokenizer, samples, cache_factory(model, m), prefill_chunk, desc=m.label)
+            runs.append({"method": m.name, "label": m.label, "threshold": m.threshold, "sinks": m.sinks, **res})
+        if save is not None:
+            save({**header, "methods": runs})
+    return {**header, "methods": runs}
 
 
 def _pct(x: float | None) -> str:
@@ -585,7 +595,7 @@ def tasks_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_methods(names: list[str], thresholds: list[str] | None = None) -> list[Method]:
+def parse_methods(names: list[str], thresholds: list[str] | None = None, calibrated: bool = False) -> list[Method]:
     """--methods NAME ... with --threshold NAME=VALUE ... -> Methods (a threshold for an unlisted method is an error)."""
     taus: dict[str, float] = {}
     for item in thresholds or []:
@@ -597,7 +607,7 @@ def parse_methods(names: list[str], thresholds: list[str] | None = None) -> list
     if unknown:
         raise ValueError(f"--threshold given for {', '.join(unknown)}, which is not in --methods")
     for n in names:
-        if n not in taus and n not in ("dense", "spkv", "streaming"):
+        if n not in taus and n not in ("dense", "spkv", "streaming") and not calibrated:
             warnings.warn(f"{n} runs at its class default threshold, which sets its density arbitrarily: give "
-                          f"--threshold {n}=VALUE (spkv eval matched finds the value matching SP-KV's density)", stacklevel=2)
+                          f"--threshold {n}=VALUE or --match-density D", stacklevel=2)
     return [Method(n, taus.get(n)) for n in names]

@@ -4,6 +4,7 @@ RULER's scoring, and a run through the real compressed cache on a tiny model (of
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections import Counter
 from functools import lru_cache
@@ -195,3 +196,31 @@ def test_cli_quick(tmp_path, monkeypatch):
     assert [m["label"] for m in result["methods"]] == ["dense", "spkv", "random (tau=0.5)"]
     assert result["lengths"] == [384] and "provenance" in result
     assert "| random (tau=0.5) | cwe |" in (out / "tasks.md").read_text()
+
+
+def test_cli_match_density_and_resume(tmp_path, monkeypatch):
+    """--match-density calibrates each policy on held-out text; --resume reuses finished methods."""
+    from spkv.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_dir = save_tiny_bpe_model(tmp_path / "model")
+    rng = random.Random(0)
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"id": f"h{i}", "text": " ".join(rng.choice(ruler.WORDS) for _ in range(900))}) + "\n"
+                               for i in range(2)))
+    out = tmp_path / "out"
+    args = ["eval", "tasks", "--model", str(model_dir), "--quick", "--lengths", "384", "--tasks", "niah_single",
+            "--methods", "dense", "key_norm", "--match-density", "0.3", "--calibration-len", "256", "--heldout", str(heldout),
+            "--out", str(out)]
+    main(args)
+    result = json.loads((out / "tasks.json").read_text())
+    calib = result["calibration"]["methods"]["key_norm"]
+    assert abs(calib["density"] - 0.3) <= 0.01
+    key_norm = next(m for m in result["methods"] if m["method"] == "key_norm")
+    assert key_norm["threshold"] == calib["threshold"]
+    # an interrupted run: its finished methods come back as they were saved
+    result["methods"][0]["marker"] = "reused"
+    (out / "tasks.partial.json").write_text(json.dumps(result))
+    main(args + ["--resume"])
+    again = json.loads((out / "tasks.json").read_text())
+    assert again["methods"][0].get("marker") == "reused" and not (out / "tasks.partial.json").exists()
