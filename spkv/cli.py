@@ -168,7 +168,7 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
         found = calibrate_methods(model, data, names, args.match_density, MatchSettings(chunk=args.prefill_chunk))
         methods = [dataclasses.replace(m, threshold=found[m.name].threshold) if m.name in found else m for m in methods]
         calibration = {"target_density": args.match_density, "documents": data.doc_ids, "tokens": args.calibration_len,
-                       "methods": {k: dataclasses.asdict(v) for k, v in found.items()}}
+                       "methods": {k: v.summary() for k, v in found.items()}}
     partial = out / "tasks.partial.json"
     done = {}
     if args.resume and partial.exists():

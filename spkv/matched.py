@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from .evaluate import HeldoutSet, nll_full_sequence, nll_with_policy
+from .evaluate import HeldoutSet, NLLResult, nll_full_sequence, nll_with_policy
 from .policies import POLICIES, ScoringPolicy
 
 # Methods with no threshold to calibrate: they are reported at the density they have.
@@ -43,6 +43,10 @@ class Calibration:
     threshold: float
     density: float  # on the calibration documents
     history: list[tuple[float, float]] = field(default_factory=list)  # (threshold, density) tried
+    result: NLLResult | None = field(default=None, repr=False)  # the run at `threshold`
+
+    def summary(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "density": self.density, "history": self.history}
 
 
 def _subset(data: HeldoutSet, n: int) -> HeldoutSet:
@@ -95,7 +99,7 @@ def _quantile(scores: list[torch.Tensor], q: float, seed: int) -> float:
 
 
 def calibrate(model: torch.nn.Module, data: HeldoutSet, make_policy: Callable[[float], ScoringPolicy], target: float,
-              settings: MatchSettings, desc: str = "calibrate") -> Calibration:
+              settings: MatchSettings, desc: str = "calibrate", start: float = -math.inf) -> Calibration:
     """Find a threshold whose density is within settings.tolerance of `target` on `data`.
 
     Density falls as the threshold rises. Each run's recorded scores map the density gap to a
@@ -103,13 +107,16 @@ def calibrate(model: torch.nn.Module, data: HeldoutSet, make_policy: Callable[[f
     is bracketed, a step that leaves the bracket is replaced by linear interpolation."""
     lo: tuple[float, float] | None = None  # (threshold, density > target)
     hi: tuple[float, float] | None = None  # (threshold, density < target)
-    threshold, history = -math.inf, []
+    threshold, history, best = start, [], None  # -inf: keep everything first, only to record the scores
     for it in range(settings.max_iterations):
         policy, scores = _recording(make_policy(threshold))
-        density = nll_with_policy(model, data, policy, sinks=settings.sinks, chunk=settings.chunk, desc=f"{desc} #{it}").density
+        result = nll_with_policy(model, data, policy, sinks=settings.sinks, chunk=settings.chunk, desc=f"{desc} #{it}")
+        density = result.density
         history.append((threshold, density))
+        if best is None or abs(density - target) < abs(best.density - target):
+            best = Calibration(threshold, density, history, result)
         if abs(density - target) <= settings.tolerance:
-            return Calibration(threshold, density, history)
+            break
         if density > target:
             lo = (threshold, density)
         else:
@@ -122,8 +129,7 @@ def calibrate(model: torch.nn.Module, data: HeldoutSet, make_policy: Callable[[f
             # interpolate the density linearly between the bracket's ends
             guess = lo[0] + (hi[0] - lo[0]) * (lo[1] - target) / (lo[1] - hi[1])
         threshold = guess
-    best = min(history, key=lambda h: abs(h[1] - target))
-    return Calibration(best[0], best[1], history)
+    return best
 
 
 def calibrate_methods(model: torch.nn.Module, data: HeldoutSet, methods: list[str], target: float,
@@ -141,8 +147,8 @@ def calibrate_methods(model: torch.nn.Module, data: HeldoutSet, methods: list[st
 
 def matched_row(model: torch.nn.Module, data: HeldoutSet, method: str, target: float, settings: MatchSettings,
                 policy_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One baseline: calibrate on the first documents, run on all, re-calibrate once if the full
-    set's density is off by more than the tolerance, and measure the chunking error if any."""
+    """One baseline: calibrate on the first documents, then on all of them from that threshold (one
+    run when the first estimate holds), and measure the chunking error if any."""
     cls = POLICIES[method]
     kwargs = policy_kwargs or {}
 
@@ -156,14 +162,11 @@ def matched_row(model: torch.nn.Module, data: HeldoutSet, method: str, target: f
         result = nll_with_policy(model, data, make(0.0), sinks=settings.sinks, chunk=chunk, desc=method)
         row.update(threshold=None, calibration=None, **asdict(result))
         return row
-    calib = calibrate(model, _subset(data, settings.calibration_sequences), make, target, settings, desc=f"{method} calibrate")
+    # a first estimate on a few documents, then on all of them starting from it (usually one run)
+    first = calibrate(model, _subset(data, settings.calibration_sequences), make, target, settings, desc=f"{method} calibrate")
+    calib = calibrate(model, data, make, target, settings, desc=method, start=first.threshold)
     threshold = calib.threshold
-    result = nll_with_policy(model, data, make(threshold), sinks=settings.sinks, chunk=settings.chunk, desc=method)
-    if abs(result.density - target) > settings.tolerance and len(data.doc_ids) > settings.calibration_sequences:
-        calib = calibrate(model, data, make, target, settings, desc=f"{method} recalibrate")
-        threshold = calib.threshold
-        result = nll_with_policy(model, data, make(threshold), sinks=settings.sinks, chunk=settings.chunk, desc=method)
-    row.update(threshold=threshold, calibration=asdict(calib), **asdict(result))
+    row.update(threshold=threshold, calibration={"first": first.summary(), "all": calib.summary()}, **asdict(calib.result))
     if decides_late(cls) and chunk > 1 and settings.exactness_sequences:
         sample = _subset(data, settings.exactness_sequences)
         sample.input_ids = sample.input_ids[:, : settings.exactness_tokens]

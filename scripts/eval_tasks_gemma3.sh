@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Issue 5's task suite on Gemma3-270M (retrieves up to 8k): every post-hoc baseline at a matched
+# density of 25% (calibrated on 2 held-out documents of 2k tokens), on its 3 full-attention layers
+# (the 15 sliding-window layers are untouched). No SP-KV adapter for Gemma3 is trained yet.
+# Resumable (--resume reuses finished methods). THREADS sets torch threads. Needs `spkv data` first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
+.venv/bin/spkv eval tasks --model gemma3-270m --methods dense h2o expected_attention tova key_norm streaming random \
+    --match-density 0.25 --lengths 1024 2048 4096 8192 --samples ${SAMPLES:-2} --prefill-chunk 128 --seed 0 \
+    --out results/tasks/gemma3 --resume
