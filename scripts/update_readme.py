@@ -19,6 +19,10 @@ from spkv.results import atomic_write_text  # noqa: E402
 
 BLOCKS = {
     "train": ("results/train/nll_sweep.md", "results/train/nll_sweep.json"),
+    "train_options": ("results/train/options.md", "results/train/options.json"),
+    "matched": ("results/eval/smollm2/matched.md", "results/eval/smollm2/matched.json"),
+    "analysis": ("results/analysis/smollm2/analysis.md", "results/analysis/smollm2/analysis.json"),
+    "tasks": ("results/tasks/gemma3/tasks.md", "results/tasks/gemma3/tasks.json"),
     "core": ("results/core/core_report.md", "results/core/core_report.json"),
     "decode": ("results/bench/decode.md", "results/bench/decode.json"),
     "prefill": ("results/bench/prefill.md", "results/bench/prefill.json"),
