@@ -1,11 +1,12 @@
 """The compressed KV cache: it physically holds only the local window and the pairs that were kept.
 
-Per gated layer and sequence:
-  * the window: the last `window` pairs (plus, during a forward, the chunk being processed), with
-    their positions, scores and padding flags: [B, Hkv, R, D];
-  * the global store: for every (sequence, KV head) its own buffer of kept pairs, [L_bh, D], grown
-    in place by ~3% (at least 64 pairs) when full, so appends never copy the whole cache and every
-    head holds exactly what it kept (different lengths per head).
+Per gated layer:
+  * the window (window.py): the last `window` pairs of every sequence and KV head (plus, during a
+    forward, the chunk being processed), with their positions, scores and padding flags, in a ring
+    [B, Hkv, C, D] that decode steps update in place;
+  * the global store (store.py): the kept pairs of every (sequence, KV head), a different number
+    per head, in pages of a shared pool, so bytes held track the kept pairs and decode attention
+    covers every head in a few batched ops.
 When a pair leaves the window, the scoring policy's score decides (keep iff score >= threshold).
 Attention of new queries runs over (global store + window) under the same rule as training
 (see attention.py). Ungated layers (e.g. Gemma 3's sliding ones) use transformers' own layers.
@@ -16,14 +17,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, DynamicCache, get_layer_types_and_kwargs
+import torch.nn.functional as F
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    Cache,
+    CacheLayerMixin,
+    DynamicCache,
+    get_layer_types_and_kwargs,
+)
 
 from .attention import window_bias
 from .config import SPKVConfig
 from .policies import ScoringPolicy, SPKVPolicy
-
-_MIN_GROWTH = 64  # pairs
-_GROWTH_FRACTION = 32  # grow by 1/32 of the current capacity
+from .store import PagedStore, page_size
+from .window import Window
 
 
 class SPKVLayer(CacheLayerMixin):
@@ -45,16 +52,9 @@ class SPKVLayer(CacheLayerMixin):
         b, hkv, _, d = key_states.shape
         self.batch_size, self.num_kv_heads, self.head_dim = b, hkv, d
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.recent_k = key_states.new_empty(b, hkv, 0, d)
-        self.recent_v = value_states.new_empty(b, hkv, 0, d)
-        self.recent_pos = torch.empty(0, dtype=torch.long, device=self.device)
-        self.recent_score = torch.empty(b, hkv, 0, device=self.device)
-        self.recent_valid = torch.empty(b, 0, dtype=torch.bool, device=self.device)
-        self.recent_sink = torch.empty(b, 0, dtype=torch.bool, device=self.device)
+        self.recent = Window(b, hkv, d, self.dtype, self.device, self.window)
+        self.store = PagedStore(b * hkv, d, self.dtype, self.device, page_size(self.window))
         self.valid_seen = torch.zeros(b, dtype=torch.long, device=self.device)
-        self.store_k = [[key_states.new_empty(0, d) for _ in range(hkv)] for _ in range(b)]
-        self.store_v = [[value_states.new_empty(0, d) for _ in range(hkv)] for _ in range(b)]
-        self.store_len = [[0] * hkv for _ in range(b)]
         self.decided = torch.zeros(b, hkv, dtype=torch.long)  # out-of-window, non-sink, real pairs
         self.kept = torch.zeros(b, hkv, dtype=torch.long)
         self.is_initialized = True
@@ -73,12 +73,7 @@ class SPKVLayer(CacheLayerMixin):
         valid = valid.to(self.device)
         rank = self.valid_seen.unsqueeze(1) + valid.long().cumsum(1) - 1
         scores = self.policy.score_new(key_states, value_states, self.staged_logits).float()
-        self.recent_k = torch.cat([self.recent_k, key_states], dim=2)
-        self.recent_v = torch.cat([self.recent_v, value_states], dim=2)
-        self.recent_pos = torch.cat([self.recent_pos, torch.arange(self.seen, self.seen + n, device=self.device)])
-        self.recent_score = torch.cat([self.recent_score, scores], dim=2)
-        self.recent_valid = torch.cat([self.recent_valid, valid], dim=1)
-        self.recent_sink = torch.cat([self.recent_sink, valid & (rank < self.sinks)], dim=1)
+        self.recent.append(key_states, value_states, scores, valid, valid & (rank < self.sinks), self.seen)
         self.valid_seen += valid.long().sum(1)
         self.seen += n
         self.staged_logits = None
@@ -110,87 +105,126 @@ class SPKVLayer(CacheLayerMixin):
         """scores [B, Hkv, m], sink [B, m] -> the write decision [B, Hkv, m]."""
         return (scores >= self.threshold) | sink.unsqueeze(1)
 
+    def stored(self, bi: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs kept for sequence bi, KV head hi, in order: (keys, values) [L, D]."""
+        return self.store.get(bi * self.num_kv_heads + hi)
+
+    def store_lengths(self) -> torch.Tensor:
+        """[B, Hkv] pairs kept per sequence and KV head."""
+        return self.store.lengths.view(self.batch_size, self.num_kv_heads)
+
+    def _window_bias(self, n: int) -> torch.Tensor:
+        """The SP-KV rule over the window's slots for the newest n queries: [B, Hkv, n, C]."""
+        recent = self.recent
+        q_pos = torch.arange(self.seen - n, self.seen, device=self.device)
+        dist = q_pos.view(n, 1) - recent.pos.view(1, -1)  # [n, C]
+        if self.policy.needs_attention or self.policy.needs_queries:  # undecided until they leave: visible (exact when n == 1)
+            gate = torch.zeros_like(recent.score)
+        else:
+            gate = torch.zeros_like(recent.score).masked_fill(~self._keep(recent.score, recent.sink), float("-inf"))
+        bias = window_bias(dist.view(1, 1, n, -1), self.window, gate.unsqueeze(2), recent.valid.view(self.batch_size, 1, 1, -1))
+        # A query that sees nothing (left padding, before any real token) gets a finite, unused result.
+        blind = torch.isneginf(bias).all(-1, keepdim=True) & (self.store_lengths() == 0).view(self.batch_size, -1, 1, 1).to(self.device)
+        return bias.masked_fill(blind, 0.0)
+
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """Attention of the newest n queries [B, H, n, D] over global store + window -> [B, n, H, D]."""
         b, h, n, d = query.shape
-        hkv, groups = self.num_kv_heads, h // self.num_kv_heads
-        q = query.view(b, hkv, groups, n, d)
-        q_pos = torch.arange(self.seen - n, self.seen, device=self.device)
-        dist = q_pos.view(n, 1) - self.recent_pos.view(1, -1)  # [n, R]
-        if self.policy.needs_attention or self.policy.needs_queries:  # undecided until they leave: visible (exact when n == 1)
-            gate = torch.zeros_like(self.recent_score)
-        else:
-            keep = self._keep(self.recent_score, self.recent_sink)
-            gate = torch.zeros_like(self.recent_score).masked_fill(~keep, float("-inf"))
-        visible = self.recent_valid.view(b, 1, 1, -1)
-        bias = window_bias(dist.view(1, 1, n, -1), self.window, gate.unsqueeze(2), visible)  # [B, Hkv, n, R]
-        # A query that sees nothing (left padding, before any real token) gets a finite, unused result.
-        blind = torch.isneginf(bias).all(-1, keepdim=True)
-        if blind.any():
-            has_store = torch.tensor(self.store_len, device=self.device).view(b, hkv, 1, 1) > 0
-            bias = bias.masked_fill(blind & ~has_store, 0.0)
-        recent_scores = (q @ self.recent_k.unsqueeze(2).transpose(-1, -2)) * scaling + bias.unsqueeze(2).to(q.dtype)
-
-        out = torch.empty(b, hkv, groups, n, d, dtype=query.dtype, device=query.device)
-        probs_recent = [] if self.policy.needs_attention else None
-        for bi in range(b):
-            for hi in range(hkv):
-                length = self.store_len[bi][hi]
-                k_g, v_g = self.store_k[bi][hi][:length], self.store_v[bi][hi][:length]
-                scores = torch.cat([(q[bi, hi] @ k_g.T) * scaling, recent_scores[bi, hi]], dim=-1)  # [G, n, L+R]
-                p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-                out[bi, hi] = p[..., :length] @ v_g + p[..., length:] @ self.recent_v[bi, hi]
-                if probs_recent is not None:
-                    probs_recent.append(p[..., length:].float())
-        if probs_recent is not None:
-            probs = torch.stack(probs_recent).view(b, hkv, groups, n, -1)
-            self.recent_score = self.policy.observe(self.recent_score, probs)
-        if self.policy.needs_queries:  # the last `window` queries, for policies that model them
-            self.recent_q = q if self.recent_q is None else torch.cat([self.recent_q, q], dim=3)[:, :, :, -self.window :]
-            self.recent_score = self.policy.observe_queries(self.recent_score, self.recent_k, self.recent_v, self.recent_q, scaling)
+        q = query.view(b, self.num_kv_heads, h // self.num_kv_heads, n, d)
+        bias = self._window_bias(n).to(query.dtype)
+        want_probs = self.policy.needs_attention
+        attend = self._attend_one if n == 1 else self._attend_per_head
+        out, probs = attend(q, bias, scaling, want_probs)
+        if want_probs or self.policy.needs_queries:
+            self._observe(q, probs, scaling)
         self._evict(self.seen - self.window)
         return out.view(b, h, n, d).transpose(1, 2)
 
+    def _attend_one(self, q: torch.Tensor, bias: torch.Tensor, scaling: float, want_probs: bool):
+        """Decode (one query per sequence): every head at once. The softmax over store + window is
+        split in two and merged: the window part here, the store part in PagedStore.attend.
+
+        q [B, Hkv, G, 1, D], bias [B, Hkv, 1, C] -> (out [B, Hkv, G, 1, D], probs [B, Hkv, G, 1, C] or None)."""
+        b, hkv, g, _, d = q.shape
+        heads, recent = b * hkv, self.recent
+        q2 = q.reshape(heads, g, d)
+        scores = torch.baddbmm(bias.reshape(heads, 1, -1), q2, recent.k.view(heads, -1, d).transpose(1, 2),
+                               alpha=scaling).float()  # [heads, G, C]
+        m_store, l_store, o_store = self.store.attend(q2, scaling)
+        m = torch.maximum(scores.amax(-1), m_store)  # finite: every query sees a window or a stored pair
+        e = scores.sub_(m.unsqueeze(-1)).exp_()
+        rescale = (m_store - m).exp_()  # 0 for a head with an empty store
+        total = e.sum(-1) + l_store * rescale
+        o = torch.bmm(e.to(q.dtype), recent.v.view(heads, -1, d)).float() + o_store * rescale.unsqueeze(-1)
+        out = (o / total.unsqueeze(-1)).to(q.dtype).view(b, hkv, g, 1, d)
+        probs = (e / total.unsqueeze(-1)).view(b, hkv, g, 1, -1) if want_probs else None
+        return out, probs
+
+    def _attend_per_head(self, q: torch.Tensor, bias: torch.Tensor, scaling: float, want_probs: bool):
+        """Prefill chunks (n > 1 queries): per (sequence, KV head), sdpa over [its stored pairs, window]
+        (explicit softmax when the policy needs the window's attention probabilities). The per-head
+        calls cost little next to n queries' work; stored pairs are visible to every new query.
+
+        q [B, Hkv, G, n, D], bias [B, Hkv, n, C] -> (out [B, Hkv, G, n, D], probs [B, Hkv, G, n, C] or None)."""
+        b, hkv, g, n, d = q.shape
+        recent = self.recent
+        out = torch.empty_like(q)
+        probs = [] if want_probs else None
+        for bi in range(b):
+            for hi in range(hkv):
+                k_store, v_store = self.stored(bi, hi)
+                length = k_store.shape[0]
+                k = torch.cat([k_store, recent.k[bi, hi]]) if length else recent.k[bi, hi]  # [L + C, D]
+                v = torch.cat([v_store, recent.v[bi, hi]]) if length else recent.v[bi, hi]
+                mask = F.pad(bias[bi, hi], (length, 0)) if length else bias[bi, hi]  # [n, L + C]
+                if probs is None:
+                    out[bi, hi] = F.scaled_dot_product_attention(
+                        q[bi, hi].unsqueeze(0), k.expand(1, g, -1, d), v.expand(1, g, -1, d), attn_mask=mask, scale=scaling)[0]
+                else:
+                    p = torch.softmax(((q[bi, hi] @ k.T) * scaling + mask).float(), dim=-1)  # [G, n, L + C]
+                    out[bi, hi] = p.to(q.dtype) @ v
+                    probs.append(p[..., length:])
+        return out, None if probs is None else torch.stack(probs).view(b, hkv, g, n, -1)
+
+    def _observe(self, q: torch.Tensor, probs: torch.Tensor | None, scaling: float) -> None:
+        """Re-score the window's pairs from the attention they received (probs [B, Hkv, G, n, C], by
+        slot) or from the recent queries (q [B, Hkv, G, n, D]). Policies see the live pairs in order."""
+        recent = self.recent
+        live = recent.live_slots()  # [R] slots, oldest first
+        score = recent.score[..., live]
+        if probs is not None:
+            score = self.policy.observe(score, probs[..., live])
+        if self.policy.needs_queries:  # the last `window` queries, for policies that model them
+            self.recent_q = q if self.recent_q is None else torch.cat([self.recent_q, q], dim=3)[:, :, :, -self.window :]
+            score = self.policy.observe_queries(score, recent.k[:, :, live], recent.v[:, :, live], self.recent_q, scaling)
+        recent.score[..., live] = score
+
     def _evict(self, upto: int) -> None:
         """Decide every window pair at position <= upto: it moves to the global store or is gone."""
-        m = int((self.recent_pos <= upto).sum())
-        if m == 0:
+        recent = self.recent
+        m = min(recent.size, upto - (self.seen - recent.size) + 1)  # the window holds positions seen - size ..
+        if m <= 0:
             return
-        valid, sink = self.recent_valid[:, :m], self.recent_sink[:, :m]
-        keep = self._keep(self.recent_score[:, :, :m], sink) & valid.unsqueeze(1)  # [B, Hkv, m]
+        keys, values, score, _, valid, sink = recent.oldest(m)
+        keep = self._keep(score, sink) & valid.unsqueeze(1)  # [B, Hkv, m]
         # One transfer per eviction (a sync on GPU); the bookkeeping below runs on the host.
         keep, counted = keep.cpu(), (valid & ~sink).cpu().unsqueeze(1)
         self.decided += counted.sum(-1).expand_as(self.decided)
         self.kept += (keep & counted).sum(-1)
-        for bi, hi in keep.any(-1).nonzero().tolist():
-            idx = keep[bi, hi].nonzero().squeeze(1).to(self.device)
-            self._append(bi, hi, self.recent_k[bi, hi, idx], self.recent_v[bi, hi, idx])
-        self.recent_k, self.recent_v = self.recent_k[:, :, m:], self.recent_v[:, :, m:]
-        self.recent_pos, self.recent_score = self.recent_pos[m:], self.recent_score[:, :, m:]
-        self.recent_valid, self.recent_sink = self.recent_valid[:, m:], self.recent_sink[:, m:]
+        heads = self.batch_size * self.num_kv_heads
+        self.store.append(keep.view(heads, m), keys.reshape(heads, m, -1), values.reshape(heads, m, -1))
+        recent.drop(m)
 
-    def _append(self, bi: int, hi: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        length, cap = self.store_len[bi][hi], self.store_k[bi][hi].shape[0]
-        need = length + k.shape[0]
-        if need > cap:
-            new_cap = max(need, cap + max(_MIN_GROWTH, cap // _GROWTH_FRACTION))
-            for store in (self.store_k, self.store_v):
-                grown = store[bi][hi].new_empty(new_cap, self.head_dim)
-                grown[:length] = store[bi][hi][:length]
-                store[bi][hi] = grown
-        self.store_k[bi][hi][length:need] = k
-        self.store_v[bi][hi][length:need] = v
-        self.store_len[bi][hi] = need
+    @property
+    def bytes_per_pair(self) -> int:
+        return 2 * self.head_dim * self.recent.k.element_size()
 
     def nbytes(self) -> tuple[int, int]:
-        """(bytes held, bytes in use) of this layer's keys and values."""
+        """(bytes held, bytes in use) of this layer's keys and values: the window counts whole."""
         if not self.is_initialized:
             return 0, 0
-        per = self.head_dim * self.recent_k.element_size() * 2
-        window = self.recent_k.shape[2] * self.batch_size * self.num_kv_heads * per
-        held = sum(t.shape[0] for row in self.store_k for t in row) * per
-        used = sum(sum(row) for row in self.store_len) * per
-        return held + window, used + window
+        per = self.bytes_per_pair
+        return self.recent.nbytes() + self.store.capacity_pairs() * per, self.recent.nbytes() + self.store.stored_pairs() * per
 
 
 class SPKVCache(Cache):
@@ -318,7 +352,7 @@ def cache_stats(cache: SPKVCache) -> CacheStats:
     for layer in layers:
         h, u = layer.nbytes()
         held, used = held + h, used + u
-        full += layer.seen * layer.batch_size * layer.num_kv_heads * layer.head_dim * layer.recent_k.element_size() * 2
+        full += layer.seen * layer.batch_size * layer.num_kv_heads * layer.bytes_per_pair
     return CacheStats(
         kept=torch.stack([l.kept for l in layers]), decided=torch.stack([l.decided for l in layers]),
         layers=[l.layer_idx for l in layers], bytes_held=held, bytes_used=used, bytes_full=full,

@@ -1,0 +1,128 @@
+"""The kept pairs of one gated layer: a paged store shared by all (sequence, KV head) of the layer.
+
+Every (sequence, KV head) keeps a different number of pairs. Per-head buffers hold exactly what each
+head kept but cost one attention call per head: B x Hkv x layers small ops per decode step, which
+dominated SP-KV decode time (results/bench/decode_profile.md). One padded [B, Hkv, L_max, D] tensor
+would be one call, but would hold the longest head's length for every head. So the store is a pool
+of fixed-size pages: each head's pairs fill its own pages in order (only its last page is partly
+empty), bytes held track the kept pairs, and decode attention over every head of the layer is a few
+batched ops over the whole pool (`attend`: one bmm for the scores, a softmax segmented by the pages'
+owners, one bmm for the values).
+
+Heads are numbered b * Hkv + h. Page bookkeeping (lengths, page table) lives on the host; the pool
+and the pages' owners live on the model's device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PAGE = 32  # pairs per page (at most): bmm over 32-pair pages runs about as fast as over contiguous pairs
+
+
+def page_size(window: int) -> int:
+    """Pages of at most window / 4 pairs: a head's partly empty last page then wastes less than a
+    quarter of the window it holds anyway (small windows get small pages)."""
+    return max(1, min(PAGE, window // 4))
+_MIN_GROWTH = 2  # pages
+_GROWTH_FRACTION = 32  # the pool grows by 1/32 of its capacity when full (appends never copy it per pair)
+
+
+class PagedStore:
+    """Kept pairs of `heads` (sequence, KV head) rows: a pool of pages plus a page table."""
+
+    def __init__(self, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, page: int = PAGE) -> None:
+        self.heads, self.head_dim, self.page = heads, head_dim, page
+        self.k = torch.zeros(0, page, head_dim, dtype=dtype, device=device)  # [capacity, page, D]
+        # Values transposed per page, [capacity, D, page]: the probs @ values bmm then reads them the way
+        # query @ keys^T reads keys, about 2x faster on CPU than [page, D] pages.
+        self.v = torch.zeros(0, head_dim, page, dtype=dtype, device=device)
+        # Additive score bias [capacity, page]: 0 where a pair is stored, -inf in a page's free slots.
+        self.free_bias = torch.zeros(0, page, dtype=dtype, device=device)
+        self.owner = torch.zeros(0, dtype=torch.long, device=device)  # [capacity] head of each page
+        self.pages = 0  # pages in use: pool[:pages]
+        self.lengths = torch.zeros(heads, dtype=torch.long)  # host: pairs kept per head
+        self.table = torch.zeros(heads, 0, dtype=torch.long)  # host: [heads, width] each head's pages, in order
+
+    def _pages_of(self, lengths: torch.Tensor) -> torch.Tensor:
+        return (lengths + self.page - 1) // self.page
+
+    def _reserve(self, pages: int) -> None:
+        """Room for `pages` pages; grows by ~3% (one copy of the pool) when full."""
+        capacity = self.k.shape[0]
+        if pages <= capacity:
+            return
+        capacity = max(pages, capacity + max(_MIN_GROWTH, capacity // _GROWTH_FRACTION))
+        grown = []
+        for old, fill in ((self.k, 0.0), (self.v, 0.0), (self.free_bias, float("-inf")), (self.owner, 0)):
+            new = old.new_empty(capacity, *old.shape[1:])
+            new[: self.pages] = old[: self.pages]
+            new[self.pages :] = fill  # free slots must hold finite keys: they meet real queries in `attend`
+            grown.append(new)
+        self.k, self.v, self.free_bias, self.owner = grown
+
+    def append(self, keep: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store the selected pairs. keep [heads, m] bool (host); keys, values [heads, m, D] (device).
+
+        Each head's selected pairs go after its stored ones, in their order along m."""
+        counts = keep.sum(1)
+        if int(counts.sum()) == 0:
+            return
+        have = self._pages_of(self.lengths)
+        new_lengths = self.lengths + counts
+        need = self._pages_of(new_lengths) - have  # [heads] new pages per head
+        total = int(need.sum())
+        if total:
+            self._reserve(self.pages + total)
+            owners = torch.repeat_interleave(torch.arange(self.heads), need)  # [total]
+            first = torch.cumsum(need, 0) - need  # each head's first new page, as an index into the new ones
+            columns = have[owners] + torch.arange(total) - first[owners]
+            width = int((have + need).max())
+            if width > self.table.shape[1]:
+                table = self.table.new_zeros(self.heads, max(width, 2 * self.table.shape[1]))
+                table[:, : self.table.shape[1]] = self.table
+                self.table = table
+            self.table[owners, columns] = torch.arange(self.pages, self.pages + total)
+            self.owner[self.pages : self.pages + total] = owners.to(self.owner.device)
+            self.pages += total
+        rows, cols = keep.nonzero(as_tuple=True)  # row-major: each head's pairs in order
+        slot = self.lengths[rows] + keep.long().cumsum(1)[rows, cols] - 1  # index within the head's pairs
+        flat = (self.table[rows, slot // self.page] * self.page + slot % self.page).to(self.k.device)
+        rows, cols = rows.to(keys.device), cols.to(keys.device)
+        self.k.view(-1, self.head_dim).index_copy_(0, flat, keys[rows, cols])
+        self.v.transpose(1, 2)[flat // self.page, flat % self.page] = values[rows, cols]
+        self.free_bias.view(-1).index_fill_(0, flat, 0.0)
+        self.lengths = new_lengths
+
+    def attend(self, query: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unnormalised attention of each head's queries over its stored pairs, for every head at once.
+
+        query [heads, Q, D] -> (m [heads, Q]: the max score, -inf for an empty head;
+        l [heads, Q]: sum of exp(score - m); o [heads, Q, D]: sum of exp(score - m) * value), float32,
+        so the caller can merge them with the window's part (a softmax split in two)."""
+        heads, nq, d = query.shape
+        m = torch.full((heads, nq), float("-inf"), device=query.device)
+        l, o = torch.zeros(heads, nq, device=query.device), torch.zeros(heads, nq, d, device=query.device)
+        if self.pages == 0:
+            return m, l, o
+        owner = self.owner[: self.pages]
+        scores = torch.baddbmm(self.free_bias[: self.pages].unsqueeze(1), query[owner],
+                               self.k[: self.pages].transpose(1, 2), alpha=scaling).float()  # [pages, Q, page]
+        m.scatter_reduce_(0, owner.unsqueeze(1).expand(-1, nq), scores.amax(-1), "amax")
+        e = scores.sub_(m[owner].unsqueeze(-1)).exp_()
+        l.index_add_(0, owner, e.sum(-1))
+        o.index_add_(0, owner, torch.bmm(e.to(self.v.dtype), self.v[: self.pages].transpose(1, 2)).float())
+        return m, l, o
+
+    def get(self, head: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One head's stored pairs, in order: (keys, values) [L, D] (a copy: its pages are scattered)."""
+        length = int(self.lengths[head])
+        pages = self.table[head, : int(self._pages_of(self.lengths[head]))].to(self.k.device)
+        return (self.k[pages].view(-1, self.head_dim)[:length],
+                self.v[pages].transpose(1, 2).reshape(-1, self.head_dim)[:length])
+
+    def capacity_pairs(self) -> int:
+        return self.k.shape[0] * self.page
+
+    def stored_pairs(self) -> int:
+        return int(self.lengths.sum())
