@@ -51,7 +51,7 @@ from .config import SPKVConfig
 from .convert import convert, predictors
 from .policies import RandomPolicy, SPKVPolicy, StreamingLLM
 from .policies.base import ScoringPolicy
-from .results import atomic_write_text, provenance, write_json
+from .results import atomic_write_text, provenance, pyplot, save_figure, write_json
 
 TINY = "tiny"  # --model tiny: a small random Llama built in memory (no tokenizer, random ids)
 MIB = 2**20
@@ -745,22 +745,10 @@ def decode_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _save_figure(fig: Any, path: Path) -> None:
-    """Atomic PNG write (a temporary file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-
-
 def plot_decode(result: dict[str, Any], out: Path) -> list[Path]:
     """decode.png (step time vs context) and decode_memory.png (KV bytes held vs context), log-log,
     one line per cache and one panel per batch size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [r for r in result["rows"] if r["status"] == "ok"]
     batches = result["settings"]["batch_sizes"]
     paths = []
@@ -781,7 +769,7 @@ def plot_decode(result: dict[str, Any], out: Path) -> list[Path]:
             ax.legend(fontsize=8)
         fig.tight_layout()
         path = out / name
-        _save_figure(fig, path)
+        save_figure(fig, path)
         plt.close(fig)
         paths.append(path)
     return paths
