@@ -151,6 +151,25 @@ def cmd_eval_matched(args: argparse.Namespace) -> None:
     print(matched_markdown(result))
 
 
+def _task_calibration(args: argparse.Namespace, model, tokenizer, methods, path: Path) -> dict:
+    """Thresholds matching --match-density for the task suite's policies; saved, and reused by --resume."""
+    from spkv.evaluate import heldout_set
+    from spkv.matched import MatchSettings, calibrate_methods
+    from spkv.results import write_json
+
+    names = [m.name for m in methods if m.name not in ("dense", "spkv") and m.threshold is None]
+    key = {"target_density": args.match_density, "tokens": args.calibration_len, "sequences": args.calibration_sequences,
+           "prefill_chunk": args.prefill_chunk}
+    saved = json.loads(path.read_text()) if args.resume and path.exists() else {}
+    if saved and all(saved.get(k) == v for k, v in key.items()) and set(names) <= set(saved["methods"]):
+        return saved
+    data = heldout_set(tokenizer, seq_len=args.calibration_len, max_sequences=args.calibration_sequences, corpus=args.heldout)
+    found = calibrate_methods(model, data, names, args.match_density, MatchSettings(chunk=args.prefill_chunk))
+    calibration = {**key, "documents": data.doc_ids, "methods": {k: v.summary() for k, v in found.items()}}
+    write_json(path, calibration)
+    return calibration
+
+
 def cmd_eval_tasks(args: argparse.Namespace) -> None:
     from spkv import ruler
     from spkv.results import atomic_write_text, write_json
@@ -160,15 +179,9 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
     out = Path(args.out)
     calibration = None
     if args.match_density is not None:  # every policy's threshold set to this density on held-out text
-        from spkv.evaluate import heldout_set
-        from spkv.matched import MatchSettings, calibrate_methods
-
-        data = heldout_set(tokenizer, seq_len=args.calibration_len, max_sequences=args.calibration_sequences, corpus=args.heldout)
-        names = [m.name for m in methods if m.name not in ("dense", "spkv") and m.threshold is None]
-        found = calibrate_methods(model, data, names, args.match_density, MatchSettings(chunk=args.prefill_chunk))
-        methods = [dataclasses.replace(m, threshold=found[m.name].threshold) if m.name in found else m for m in methods]
-        calibration = {"target_density": args.match_density, "documents": data.doc_ids, "tokens": args.calibration_len,
-                       "methods": {k: v.summary() for k, v in found.items()}}
+        calibration = _task_calibration(args, model, tokenizer, methods, out / "calibration.json")
+        found = calibration["methods"]
+        methods = [dataclasses.replace(m, threshold=found[m.name]["threshold"]) if m.name in found else m for m in methods]
     partial = out / "tasks.partial.json"
     done = {}
     if args.resume and partial.exists():

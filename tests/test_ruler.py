@@ -221,6 +221,10 @@ def test_cli_match_density_and_resume(tmp_path, monkeypatch):
     # an interrupted run: its finished methods come back as they were saved
     result["methods"][0]["marker"] = "reused"
     (out / "tasks.partial.json").write_text(json.dumps(result))
+    saved = json.loads((out / "calibration.json").read_text())
+    saved["methods"]["key_norm"]["threshold"] = 123.0  # a marker: --resume reuses the saved calibration
+    (out / "calibration.json").write_text(json.dumps(saved))
     main(args + ["--resume"])
     again = json.loads((out / "tasks.json").read_text())
     assert again["methods"][0].get("marker") == "reused" and not (out / "tasks.partial.json").exists()
+    assert again["calibration"]["methods"]["key_norm"]["threshold"] == 123.0
