@@ -95,6 +95,83 @@ def gated_attention(
     return out
 
 
+class _CausalFlash(torch.autograd.Function):
+    """CPU flash attention, causal -> (out, lse), differentiable in both (the aten op's own
+    backward ignores a gradient on lse). q, k [N, H, T, E]; v [N, H, T, D] with D = E - 1."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        vv = F.pad(v, (0, 1))  # one head size for the kernel; the zero column carries lse's gradient
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, vv, 0.0, True, scale=scale)
+        ctx.save_for_backward(q, k, vv, out, lse)
+        ctx.scale = scale
+        return out[..., :-1], lse
+
+    @staticmethod
+    def backward(ctx, g_out, g_lse):
+        q, k, vv, out, lse = ctx.saved_tensors
+        # d lse / d score = p, so a gradient on lse shifts the backward's row term rowsum(g_out * out)
+        # by -g_lse: pass it through the zero value column (g_out 1 there, out -g_lse there).
+        g_out = torch.cat([g_out, torch.ones_like(g_out[..., :1])], -1)
+        out = torch.cat([out[..., :-1], -g_lse.to(out.dtype).unsqueeze(-1)], -1)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            g_out, q, k, vv, out, lse, 0.0, True, scale=ctx.scale)
+        return dq, dk, dv[..., :-1], None
+
+
+def _band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float):
+    """Each query over the `window` keys ending at itself -> (out [B, H, T, D], lse [B, H, T], at least float32).
+
+    Queries go in blocks of `window`, each against the 2 x window keys before and in it."""
+    b, h, t, d = q.shape
+    groups, nb = h // k.shape[1], -(-t // window)
+    tp = nb * window
+
+    def blocks(x: torch.Tensor) -> torch.Tensor:  # [B, Hkv, T, D] -> [B, H, nb, 2W, D]
+        x = F.pad(x, (0, 0, window, tp - t)).unfold(2, 2 * window, window).transpose(-1, -2)
+        return x.repeat_interleave(groups, dim=1)
+
+    i = torch.arange(window, device=q.device).view(window, 1)
+    c = torch.arange(2 * window, device=q.device).view(1, 2 * window)
+    band = ((c > i) & (c <= window + i)).expand(nb, window, 2 * window).clone()  # [nb, W, 2W]
+    band[0, :, :window] = False  # before position 0
+    scores = F.pad(q, (0, 0, 0, tp - t)).view(b, h, nb, window, d) @ blocks(k).transpose(-1, -2)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
+    scores = scores.masked_fill(~band, float("-inf"))
+    lse = scores.logsumexp(-1)  # [B, H, nb, W]
+    out = (scores - lse.unsqueeze(-1)).exp().to(v.dtype) @ blocks(v)
+    return out.reshape(b, h, tp, d)[:, :, :t], lse.reshape(b, h, tp)[:, :, :t]
+
+
+def flash_gated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_log_gate: torch.Tensor,
+                          window: int, scaling: float | None) -> torch.Tensor:
+    """`gated_attention` without padding, for a whole sequence on CPU (training, full-sequence NLL).
+
+    The same softmax, split in two parts merged by their log-sum-exps: the window (exact, small)
+    and the keys beyond it. A key s is beyond the window of query t iff s <= t - window: a causal
+    mask between queries [window, T) and keys [0, T - window), so that part runs in the flash
+    kernel (no T x T scores). The key's log gate rides in an extra dimension (query 1, key
+    gate / scale), so it stays differentiable. Shapes as gated_attention; returns [B, T, H, D].
+    """
+    b, h, t, d = query.shape
+    scale = scaling if scaling is not None else d ** -0.5
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
+    out, lse = _band_attention(q, k, v, window, scale)
+    if t <= window:
+        return out.transpose(1, 2)
+    groups, far = h // key.shape[1], t - window
+    gate = (key_log_gate[..., :far].to(dtype).clamp_min(-1e4) / scale).unsqueeze(-1)  # -inf (hard drop) -> finite
+    qf = torch.cat([q[:, :, window:], torch.ones_like(q[:, :, window:, :1])], -1)  # [B, H, far, D + 1]
+    kf = torch.cat([k[:, :, :far], gate], -1).repeat_interleave(groups, dim=1)
+    of, lf = _CausalFlash.apply(qf, kf, v[:, :, :far].repeat_interleave(groups, dim=1), scale)
+    ln = lse[:, :, window:]
+    m = torch.maximum(ln, lf).detach()
+    wn, wf = (ln - m).exp().unsqueeze(-1), (lf - m).exp().unsqueeze(-1)
+    tail = (out[:, :, window:] * wn + of * wf) / (wn + wf)
+    return torch.cat([out[:, :, :window], tail.to(out.dtype)], 2).transpose(1, 2)
+
+
 def sink_mask(valid_keys: torch.Tensor, sinks: int) -> torch.Tensor:
     """valid_keys [B, Tk] bool -> [B, Tk] True for the first `sinks` real tokens of each row."""
     rank = valid_keys.long().cumsum(dim=-1) - 1
@@ -139,6 +216,8 @@ def spkv_attention_forward(
     if config.sinks:
         valid = attention_mask[:, 0, -1, :] if attention_mask is not None else torch.ones_like(gate[:, 0], dtype=torch.bool)
         gate = gate.masked_fill(sink_mask(valid, config.sinks).unsqueeze(1), 0.0)
+    if attention_mask is None and dropout == 0.0 and query.shape[2] == tk and query.device.type == "cpu":
+        return flash_gated_attention(query, key, value, gate, config.window, scaling), None
     out = gated_attention(query, key, value, gate, config.window, scaling, attention_mask, dropout)
     return out, None
 

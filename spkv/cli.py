@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(mean over layers x heads) on held-out text first, as spkv eval matched does")
     et.add_argument("--calibration-sequences", type=int, default=2, help="held-out documents for --match-density")
     et.add_argument("--calibration-len", type=int, default=2048, help="their tokens")
-    et.add_argument("--resume", action="store_true", help="reuse finished methods of an interrupted run (OUT/tasks.partial.json)")
+    et.add_argument("--resume", action="store_true", help="continue an interrupted run (OUT/tasks.partial.json): finished methods and samples are reused")
     et.add_argument("--out", default="results/tasks")
     et.set_defaults(func=cmd_eval_tasks)
     el = esub.add_parser("lm-eval", help="lm-evaluation-harness tasks on the SP-KV model (needs the tasks' datasets)")

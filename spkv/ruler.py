@@ -442,16 +442,31 @@ def generate_answer(model: torch.nn.Module, tokenizer: Any, prompt: str, cache: 
     return text, density
 
 
+def _key(row: Sample | dict[str, Any]) -> tuple[str, int, int]:
+    get = row.get if isinstance(row, dict) else lambda k: getattr(row, k)
+    return get("task"), get("length"), get("index")
+
+
 def evaluate_samples(model: torch.nn.Module, tokenizer: Any, samples: list[Sample],
                      make_cache: Callable[[], Cache | None], prefill_chunk: int | None = 512,
-                     desc: str = "tasks") -> dict[str, Any]:
-    """Generate every sample's answer -> {"cells": per (task, length) score and density, "samples": [...]}."""
+                     desc: str = "tasks", done_rows: list[dict[str, Any]] | None = None,
+                     on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
+    """Generate every sample's answer -> {"cells": per (task, length) score and density, "samples": [...]}.
+
+    Rows in `done_rows` (same task, length and index) are reused; `on_row` gets the rows so far
+    after every new one, so a long run can resume mid-method."""
+    reuse = {_key(r): r for r in done_rows or []}
     rows = []
-    for s in tqdm(samples, desc=desc, unit="sample"):
+    for s in tqdm(samples, desc=desc, unit="sample", initial=sum(_key(s) in reuse for s in samples)):
+        if _key(s) in reuse:
+            rows.append(reuse[_key(s)])
+            continue
         text, density = generate_answer(model, tokenizer, s.prompt, make_cache(), s.max_new_tokens, prefill_chunk)
         rows.append({"task": s.task, "length": s.length, "index": s.index, "prompt_tokens": s.prompt_tokens,
                      "answers": s.answers, "prediction": text, "score": string_match_all(text, s.answers),
                      "density": density})
+        if on_row is not None:
+            on_row(rows)
     return {"cells": summarize(rows), "samples": rows}
 
 
@@ -542,19 +557,28 @@ def run_methods(model: torch.nn.Module, tokenizer: Any, methods: list[Method], l
                 save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """The same samples for every method -> {"methods": [{"method", "threshold", "cells", "samples"}], ...}.
 
-    `done` holds finished runs of an interrupted call (by label), reused as they are; `save` gets the
-    partial result after every method, so a long suite can resume."""
+    `done` holds the runs of an interrupted call (by label): finished ones are reused as they are,
+    a partial one continues after its last sample. `save` gets the partial result after every
+    sample, so a long suite can resume."""
     cfg, tasks = config or TaskConfig(), list(tasks)
     ok, skipped = usable_lengths(model, lengths)
     samples = build_suite(tokenizer, ok, tasks, samples_per_cell, seed, cfg, max_new_tokens)
     header = _header(ok, skipped, tasks, samples_per_cell, seed, prefill_chunk, cfg)
-    runs = []
+    runs: list[dict[str, Any]] = []
     for m in methods:
-        if done and m.label in done:
-            runs.append(done[m.label])
-        else:
-            res = evaluate_samples(model, tokenizer, samples, cache_factory(model, m), prefill_chunk, desc=m.label)
-            runs.append({"method": m.name, "label": m.label, "threshold": m.threshold, "sinks": m.sinks, **res})
+        prior = (done or {}).get(m.label)
+        if prior and not prior.get("partial"):
+            runs.append(prior)
+            continue
+        head = {"method": m.name, "label": m.label, "threshold": m.threshold, "sinks": m.sinks}
+
+        def on_row(rows: list[dict[str, Any]]) -> None:
+            if save is not None:
+                save({**header, "methods": runs + [{**head, "partial": True, "samples": rows}]})
+
+        res = evaluate_samples(model, tokenizer, samples, cache_factory(model, m), prefill_chunk, desc=m.label,
+                               done_rows=prior["samples"] if prior else None, on_row=on_row)
+        runs.append({**head, **res})
         if save is not None:
             save({**header, "methods": runs})
     return {**header, "methods": runs}

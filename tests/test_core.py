@@ -11,7 +11,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import spkv
-from spkv.attention import gated_attention, log_gate
+from spkv.attention import flash_gated_attention, gated_attention, log_gate
 from spkv.convert import predictors
 
 from .tiny_models import FAMILIES, batch, tiny_model
@@ -131,6 +131,31 @@ def test_soft_gate_path_gradcheck():
         return gated_attention(q, k, v, gate, cfg.window, 1 / math.sqrt(d))
 
     assert torch.autograd.gradcheck(f, (q, k, v, gate_logits))
+
+
+@pytest.mark.parametrize("t", [5, 8, 9, 21])  # within the window, one window block, just past it, ragged
+@pytest.mark.parametrize("phase", ["soft", "hard"])
+def test_flash_path_matches_general_path(t, phase):
+    """The CPU flash path (no padding) gives gated_attention's outputs and gradients."""
+    torch.manual_seed(t)
+    b, hkv, groups, d = 2, 2, 3, 4
+    q = torch.randn(b, hkv * groups, t, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, hkv, t, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, hkv, t, d, dtype=torch.float64, requires_grad=True)
+    gate_logits = (3 * torch.randn(b, t, hkv, dtype=torch.float64)).requires_grad_()
+    cfg = spkv.SPKVConfig(window=8, phase=phase)
+    weights = torch.randn(b, t, hkv * groups, d, dtype=torch.float64)
+    results = []
+    for fn in (gated_attention, flash_gated_attention):
+        for x in (q, k, v, gate_logits):
+            x.grad = None
+        out = fn(q, k, v, log_gate(gate_logits, cfg).transpose(1, 2), cfg.window, 0.7)
+        (out * weights).sum().backward()
+        results.append([out] + [torch.zeros_like(x) if x.grad is None else x.grad for x in (q, k, v, gate_logits)])
+    for general, flash in zip(*results):
+        torch.testing.assert_close(flash, general)
+    if phase == "soft" and t > cfg.window:
+        assert results[1][4].abs().sum() > 0, "gates beyond the window must get a gradient"
 
 
 def test_anneal_interpolates_between_soft_and_hard():

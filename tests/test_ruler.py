@@ -183,6 +183,18 @@ def test_run_suite_through_the_compressed_cache():
     table = ruler.tasks_markdown(both)
     assert "| spkv | niah_single |" in table and "retention vs dense" in table
 
+    # an interrupted method resumes after its last saved sample; the saved rows are reused as they are
+    saved = []
+    kw = dict(lengths=[448], tasks=["niah_single", "vt"], samples_per_cell=1, max_new_tokens=4, prefill_chunk=64)
+    ruler.run_methods(model, tok, [ruler.Method("dense")], save=saved.append, **kw)
+    first = saved[0]["methods"][0]
+    assert first["partial"] and len(first["samples"]) == 1 and not saved[-1]["methods"][0].get("partial")
+    first["samples"][0]["prediction"] = "marker"
+    resumed = ruler.run_methods(model, tok, [ruler.Method("dense")], done={"dense": first}, **kw)
+    rows = resumed["methods"][0]["samples"]
+    assert [r["prediction"] == "marker" for r in rows] == [True, False]
+    assert rows[1] == saved[-1]["methods"][0]["samples"][1]  # the rest computed as in an uninterrupted run
+
 
 def test_cli_quick(tmp_path, monkeypatch):
     from spkv.cli import main

@@ -4,6 +4,7 @@ learning when to write on a synthetic recall task."""
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -202,8 +203,11 @@ def train_recall(gated: bool, steps: int, seed: int = 0) -> tuple[float, float |
 
 @pytest.mark.slow
 def test_sp_kv_learns_when_to_write_on_synthetic_recall():
+    """Medians over 3 seeds: one tiny run's density is chaotic (0.07 to 0.30 over seeds, and float
+    rounding of another attention kernel moves it as much); the median is what the recipe does."""
     dense_accuracy, _ = train_recall(gated=False, steps=STEPS)
-    accuracy, density = train_recall(gated=True, steps=STEPS)
+    runs = [train_recall(gated=True, steps=STEPS, seed=seed) for seed in range(3)]
+    accuracy, density = (statistics.median(values) for values in zip(*runs))
     assert dense_accuracy > 0.95
     assert density <= 0.20, f"out-of-window density {density:.3f}"
     assert accuracy >= dense_accuracy - ACCURACY_GAP, f"SP-KV {accuracy:.3f} vs full attention {dense_accuracy:.3f}"
