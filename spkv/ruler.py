@@ -466,7 +466,7 @@ def evaluate_samples(model: torch.nn.Module, tokenizer: Any, samples: list[Sampl
                      "answers": s.answers, "prediction": text, "score": string_match_all(text, s.answers),
                      "density": density})
         if on_row is not None:
-            on_row(rows)
+            on_row(list(rows))
     return {"cells": summarize(rows), "samples": rows}
 
 
