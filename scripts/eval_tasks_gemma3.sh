@@ -7,5 +7,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
 .venv/bin/spkv eval tasks --model gemma3-270m --methods dense h2o expected_attention tova key_norm streaming random \
-    --match-density 0.25 --lengths 1024 2048 4096 8192 --samples ${SAMPLES:-2} --prefill-chunk 128 --seed 0 \
+    --match-density 0.25 --lengths 1024 2048 4096 8192 --samples ${SAMPLES:-1} --prefill-chunk 128 --seed 0 \
     --out results/tasks/gemma3 --resume
