@@ -183,15 +183,13 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
         found = calibration["methods"]
         methods = [dataclasses.replace(m, threshold=found[m.name]["threshold"]) if m.name in found else m for m in methods]
     partial = out / "tasks.partial.json"
-    done = {}
-    if args.resume and partial.exists():
-        done = {r["label"]: r for r in json.loads(partial.read_text())["methods"]}
+    resume = json.loads(partial.read_text()) if args.resume and partial.exists() else None
     head = {"model": args.model, "adapter": args.adapter, "calibration": calibration}
     result = ruler.run_methods(
         model, tokenizer, methods, lengths=args.lengths or ([512] if args.quick else ruler.DEFAULT_LENGTHS),
         tasks=args.tasks or ruler.TASKS, samples_per_cell=args.samples or (1 if args.quick else 4), seed=args.seed,
         max_new_tokens=args.max_new_tokens or (16 if args.quick else None), prefill_chunk=args.prefill_chunk,
-        config=ruler.TaskConfig(haystack=args.haystack, corpus=args.heldout), done=done,
+        config=ruler.TaskConfig(haystack=args.haystack, corpus=args.heldout), resume=resume,
         save=lambda partial_result: write_json(partial, {**head, **partial_result}),
     )
     write_json(out / "tasks.json", {**head, **result})

@@ -442,11 +442,6 @@ def generate_answer(model: torch.nn.Module, tokenizer: Any, prompt: str, cache: 
     return text, density
 
 
-def _key(row: Sample | dict[str, Any]) -> tuple[str, int, int]:
-    get = row.get if isinstance(row, dict) else lambda k: getattr(row, k)
-    return get("task"), get("length"), get("index")
-
-
 def evaluate_samples(model: torch.nn.Module, tokenizer: Any, samples: list[Sample],
                      make_cache: Callable[[], Cache | None], prefill_chunk: int | None = 512,
                      desc: str = "tasks", done_rows: list[dict[str, Any]] | None = None,
@@ -455,11 +450,13 @@ def evaluate_samples(model: torch.nn.Module, tokenizer: Any, samples: list[Sampl
 
     Rows in `done_rows` (same task, length and index) are reused; `on_row` gets the rows so far
     after every new one, so a long run can resume mid-method."""
-    reuse = {_key(r): r for r in done_rows or []}
+    reuse = {(r["task"], r["length"], r["index"]): r for r in done_rows or []}
+    keys = [(s.task, s.length, s.index) for s in samples]
     rows = []
-    for s in tqdm(samples, desc=desc, unit="sample", initial=sum(_key(s) in reuse for s in samples)):
-        if _key(s) in reuse:
-            rows.append(reuse[_key(s)])
+    for s, key in tqdm(zip(samples, keys), total=len(samples), desc=desc, unit="sample",
+                       initial=sum(k in reuse for k in keys)):
+        if key in reuse:
+            rows.append(reuse[key])
             continue
         text, density = generate_answer(model, tokenizer, s.prompt, make_cache(), s.max_new_tokens, prefill_chunk)
         rows.append({"task": s.task, "length": s.length, "index": s.index, "prompt_tokens": s.prompt_tokens,
@@ -553,20 +550,28 @@ def cache_factory(model: torch.nn.Module, method: Method) -> Callable[[], Cache 
 def run_methods(model: torch.nn.Module, tokenizer: Any, methods: list[Method], lengths: Iterable[int] = DEFAULT_LENGTHS,
                 tasks: Iterable[str] = TASKS, samples_per_cell: int = 4, seed: int = 0,
                 max_new_tokens: int | None = None, prefill_chunk: int | None = 512,
-                config: TaskConfig | None = None, done: dict[str, dict[str, Any]] | None = None,
+                config: TaskConfig | None = None, resume: dict[str, Any] | None = None,
                 save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """The same samples for every method -> {"methods": [{"method", "threshold", "cells", "samples"}], ...}.
 
-    `done` holds the runs of an interrupted call (by label): finished ones are reused as they are,
-    a partial one continues after its last sample. `save` gets the partial result after every
-    sample, so a long suite can resume."""
+    `resume` is a partial result that `save` got from an interrupted call with the same settings:
+    its finished methods are reused as they are, a partial one continues after its last sample.
+    `save` gets the partial result after every sample, so a long suite can resume."""
     cfg, tasks = config or TaskConfig(), list(tasks)
     ok, skipped = usable_lengths(model, lengths)
     samples = build_suite(tokenizer, ok, tasks, samples_per_cell, seed, cfg, max_new_tokens)
     header = _header(ok, skipped, tasks, samples_per_cell, seed, prefill_chunk, cfg)
+    done = {}
+    if resume:
+        wanted = json.loads(json.dumps(header, default=str))  # as the saved file holds it
+        changed = [k for k in wanted if resume.get(k) != wanted[k]]
+        if changed:
+            raise ValueError(f"The interrupted run was made with other settings ({', '.join(changed)}): rerun with "
+                             "the same settings, or start again without resuming.")
+        done = {r["label"]: r for r in resume["methods"]}
     runs: list[dict[str, Any]] = []
     for m in methods:
-        prior = (done or {}).get(m.label)
+        prior = done.get(m.label)
         if prior and not prior.get("partial"):
             runs.append(prior)
             continue

@@ -190,7 +190,10 @@ def test_run_suite_through_the_compressed_cache():
     first = saved[0]["methods"][0]
     assert first["partial"] and len(first["samples"]) == 1 and not saved[-1]["methods"][0].get("partial")
     first["samples"][0]["prediction"] = "marker"
-    resumed = ruler.run_methods(model, tok, [ruler.Method("dense")], done={"dense": first}, **kw)
+    interrupted = json.loads(json.dumps(saved[0]))  # as the partial file holds it
+    with pytest.raises(ValueError, match="other settings \\(seed\\)"):
+        ruler.run_methods(model, tok, [ruler.Method("dense")], resume=interrupted, seed=1, **kw)
+    resumed = ruler.run_methods(model, tok, [ruler.Method("dense")], resume=interrupted, **kw)
     rows = resumed["methods"][0]["samples"]
     assert [r["prediction"] == "marker" for r in rows] == [True, False]
     assert rows[1] == saved[-1]["methods"][0]["samples"][1]  # the rest computed as in an uninterrupted run

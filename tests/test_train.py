@@ -203,8 +203,9 @@ def train_recall(gated: bool, steps: int, seed: int = 0) -> tuple[float, float |
 
 @pytest.mark.slow
 def test_sp_kv_learns_when_to_write_on_synthetic_recall():
-    """Medians over 3 seeds: one tiny run's density is chaotic (0.07 to 0.30 over seeds, and float
-    rounding of another attention kernel moves it as much); the median is what the recipe does."""
+    """Medians over 3 seeds: one tiny run's density is chaotic (exploratory runs, not saved: 0.07 to
+    0.30 over seeds, and float rounding of another attention kernel moved it as much); the median
+    is what the recipe does."""
     dense_accuracy, _ = train_recall(gated=False, steps=STEPS)
     runs = [train_recall(gated=True, steps=STEPS, seed=seed) for seed in range(3)]
     accuracy, density = (statistics.median(values) for values in zip(*runs))
