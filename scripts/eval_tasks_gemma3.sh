@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Issue 5's task suite on Gemma3-270M (retrieves up to 8k): every post-hoc baseline at a matched
-# density of 25% (calibrated on 2 held-out documents of 2k tokens), on its 3 full-attention layers
-# (the 15 sliding-window layers are untouched). No SP-KV adapter for Gemma3 is trained yet.
-# Resumable (--resume reuses finished methods). THREADS sets torch threads. Needs `spkv data` first.
+# density of 25% (calibrated on one 2k-token prompt per task, indices the suite never evaluates), on
+# its 3 full-attention layers (the 15 sliding-window layers are untouched). Base-model answer
+# prefixes (spkv/ruler.py). No SP-KV adapter for Gemma3 is trained yet.
+# Resumable: --resume reuses every saved sample, so an interrupted run continues and a finished one
+# grows when SAMPLES (per cell, default 1) is raised. THREADS sets torch threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS

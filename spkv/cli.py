@@ -151,23 +151,36 @@ def cmd_eval_matched(args: argparse.Namespace) -> None:
     print(matched_markdown(result))
 
 
-def _task_calibration(args: argparse.Namespace, model, tokenizer, methods, path: Path) -> dict:
+def _task_calibration(args: argparse.Namespace, model, tokenizer, methods, config, path: Path) -> dict:
     """Thresholds matching --match-density for the task suite's policies; saved, and reused by --resume."""
+    from spkv import ruler
     from spkv.evaluate import heldout_set
     from spkv.matched import MatchSettings, calibrate_methods
     from spkv.results import write_json
 
     names = [m.name for m in methods if m.name not in ("dense", "spkv") and m.threshold is None]
-    key = {"target_density": args.match_density, "tokens": args.calibration_len, "sequences": args.calibration_sequences,
+    key = {"target_density": args.match_density, "on": args.calibrate_on, "tokens": args.calibration_len,
            "prefill_chunk": args.prefill_chunk}
+    if args.calibrate_on == "heldout":
+        key["sequences"] = args.calibration_sequences
+    else:
+        key.update(tasks=args.tasks or list(ruler.TASKS), seed=args.seed, config=dataclasses.asdict(config),
+                   max_new_tokens=_max_new_tokens(args))
     saved = json.loads(path.read_text()) if args.resume and path.exists() else {}
     if saved and all(saved.get(k) == v for k, v in key.items()) and set(names) <= set(saved["methods"]):
         return saved
-    data = heldout_set(tokenizer, seq_len=args.calibration_len, max_sequences=args.calibration_sequences, corpus=args.heldout)
+    if args.calibrate_on == "heldout":
+        data = heldout_set(tokenizer, seq_len=args.calibration_len, max_sequences=args.calibration_sequences, corpus=args.heldout)
+    else:
+        data = ruler.calibration_set(tokenizer, args.calibration_len, key["tasks"], args.seed, config, _max_new_tokens(args))
     found = calibrate_methods(model, data, names, args.match_density, MatchSettings(chunk=args.prefill_chunk))
     calibration = {**key, "documents": data.doc_ids, "methods": {k: v.summary() for k, v in found.items()}}
     write_json(path, calibration)
     return calibration
+
+
+def _max_new_tokens(args: argparse.Namespace) -> int | None:
+    return args.max_new_tokens or (16 if args.quick else None)
 
 
 def cmd_eval_tasks(args: argparse.Namespace) -> None:
@@ -177,22 +190,24 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
     methods = ruler.parse_methods(args.methods, args.method_thresholds, calibrated=args.match_density is not None)
     model, tokenizer = _load(argparse.Namespace(model=args.model, adapter=args.adapter, threshold=None))
     out = Path(args.out)
+    config = ruler.TaskConfig(haystack=args.haystack, corpus=args.heldout, answer_prefix=args.answer_prefix)
     calibration = None
-    if args.match_density is not None:  # every policy's threshold set to this density on held-out text
-        calibration = _task_calibration(args, model, tokenizer, methods, out / "calibration.json")
+    if args.match_density is not None:  # every policy's threshold set to this density
+        calibration = _task_calibration(args, model, tokenizer, methods, config, out / "calibration.json")
         found = calibration["methods"]
         methods = [dataclasses.replace(m, threshold=found[m.name]["threshold"]) if m.name in found else m for m in methods]
-    partial = out / "tasks.partial.json"
-    resume = json.loads(partial.read_text()) if args.resume and partial.exists() else None
+    partial, final = out / "tasks.partial.json", out / "tasks.json"
+    earlier = next((f for f in (partial, final) if f.exists()), None) if args.resume else None
+    resume = json.loads(earlier.read_text()) if earlier else None
     head = {"model": args.model, "adapter": args.adapter, "calibration": calibration}
     result = ruler.run_methods(
         model, tokenizer, methods, lengths=args.lengths or ([512] if args.quick else ruler.DEFAULT_LENGTHS),
         tasks=args.tasks or ruler.TASKS, samples_per_cell=args.samples or (1 if args.quick else 4), seed=args.seed,
-        max_new_tokens=args.max_new_tokens or (16 if args.quick else None), prefill_chunk=args.prefill_chunk,
-        config=ruler.TaskConfig(haystack=args.haystack, corpus=args.heldout), resume=resume,
+        max_new_tokens=_max_new_tokens(args), prefill_chunk=args.prefill_chunk,
+        config=config, resume=resume,
         save=lambda partial_result: write_json(partial, {**head, **partial_result}),
     )
-    write_json(out / "tasks.json", {**head, **result})
+    write_json(final, {**head, **result})
     atomic_write_text(out / "tasks.md", ruler.tasks_markdown(result))
     partial.unlink(missing_ok=True)
     print(ruler.tasks_markdown(result))
@@ -360,11 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--haystack", choices=["noise", "corpus"], default="noise", help="filler: RULER's noise sentences or held-out text")
     et.add_argument("--heldout", help="held-out .jsonl for --haystack corpus (default: the spkv data corpus)")
     et.add_argument("--quick", action="store_true", help="a smoke run: 512 tokens, 1 sample, 16 new tokens")
+    et.add_argument("--answer-prefix", choices=["base", "ruler"], default="base",
+                    help="how prompts end: 'base' for base models (singular '... is', 'VAR'), 'ruler' RULER's own wording")
     et.add_argument("--match-density", type=float, help="calibrate every policy without a --threshold to this density "
-                    "(mean over layers x heads) on held-out text first, as spkv eval matched does")
-    et.add_argument("--calibration-sequences", type=int, default=2, help="held-out documents for --match-density")
-    et.add_argument("--calibration-len", type=int, default=2048, help="their tokens")
-    et.add_argument("--resume", action="store_true", help="continue an interrupted run (OUT/tasks.partial.json): finished methods and samples are reused")
+                    "(mean over layers x heads) first, as spkv eval matched does")
+    et.add_argument("--calibrate-on", choices=["tasks", "heldout"], default="tasks",
+                    help="--match-density on one prompt per task (indices never evaluated) or on held-out documents")
+    et.add_argument("--calibration-sequences", type=int, default=2, help="held-out documents for --calibrate-on heldout")
+    et.add_argument("--calibration-len", type=int, default=2048, help="tokens of each calibration prompt or document")
+    et.add_argument("--resume", action="store_true", help="reuse the samples of an earlier run with the same settings "
+                    "(OUT/tasks.partial.json, else OUT/tasks.json): an interrupted run continues, --samples can grow")
     et.add_argument("--out", default="results/tasks")
     et.set_defaults(func=cmd_eval_tasks)
     el = esub.add_parser("lm-eval", help="lm-evaluation-harness tasks on the SP-KV model (needs the tasks' datasets)")

@@ -2,9 +2,16 @@
 
 Why: held-out NLL says little about whether a compressed cache still *finds* a fact written 8k
 tokens ago. RULER's synthetic tasks do, need no download, and scale to any length. Every sample is
-fitted to a target length in tokens of the model's own tokenizer; the prompt ends with RULER's
-answer prefix, so a small base model can simply continue it. Score = RULER's string match: the
-fraction of expected answers that appear in the generated text (case-insensitive).
+fitted to a target length in tokens of the model's own tokenizer; the prompt ends with an answer
+prefix, so a small base model can simply continue it. Score = RULER's string match: the fraction of
+expected answers that appear in the generated text (case-insensitive).
+
+Answer prefixes (TaskConfig.answer_prefix): "ruler" is RULER's own wording, written for instruction
+models. A base model continues its plural "...the special magic numbers for X ... are" with
+": 1, 2, 3, ..." and variable tracking's "they are:" the same way, whatever the context holds, so
+"base" (the default) ends the needle tasks with the singular "... is" and variable tracking with
+"VAR", the word every answer follows in the text. Gemma3-270M then retrieves single needles; a
+base model still names one value where several are asked (multi-value, multi-query).
 
 Tasks (RULER's names in brackets):
   niah_single      one needle in a haystack                         [niah_single_2]
@@ -33,6 +40,7 @@ from tqdm import tqdm
 from transformers.cache_utils import Cache
 
 from .cache import SPKVCache, cache_stats
+from .evaluate import HeldoutSet
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
@@ -113,10 +121,15 @@ class TaskConfig:
     cwe_freq_rare: int = 3  # every other word appears this often
     fwe_alpha: float = 2.0  # Zipf exponent
     fwe_answers: int = 3
+    answer_prefix: str = "base"  # "base" (for base models, see the module docstring) or "ruler"
     max_new_tokens: dict[str, int] = field(default_factory=lambda: {
         "niah_single": 64, "niah_multikey": 64, "niah_multivalue": 64, "niah_multiquery": 64,
         "vt": 30, "cwe": 120, "fwe": 50,
     })
+
+    def __post_init__(self) -> None:
+        if self.answer_prefix not in ("base", "ruler"):
+            raise ValueError(f"answer_prefix must be 'base' (base models) or 'ruler' (RULER's wording), got {self.answer_prefix!r}")
 
 
 @dataclass
@@ -230,8 +243,9 @@ def _niah(rng: random.Random, task: str, hay: Haystack, cfg: TaskConfig) -> _Dra
     query = _join_keys(keys[:asked])
     head = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
             "I will quiz you about the numbers afterwards.\n")
-    tail = (f"\nWhat are all the special magic numbers for {query} mentioned in the provided text? "
-            f"The special magic numbers for {query} mentioned in the provided text are")
+    answer = (f"The special magic numbers for {query} mentioned in the provided text are" if cfg.answer_prefix == "ruler"
+              else f"The special magic number for {query} mentioned in the provided text is")
+    tail = f"\nWhat are all the special magic numbers for {query} mentioned in the provided text? {answer}"
 
     def render(n: int) -> tuple[str, tuple[int, int]]:
         return _wrap(head, " ".join(_insert(hay.take(n, start), needles, depths)), tail)
@@ -261,7 +275,7 @@ def _vt(rng: random.Random, hay: Haystack, cfg: TaskConfig) -> _Draft:
     head = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
     tail = (f"\nQuestion: Find all variables that are assigned the value {query} in the text above. "
             f"Answer: According to the chain(s) of variable assignment in the text above, {len(answers)} "
-            f"variables are assigned the value {query}, they are:")
+            f"variables are assigned the value {query}, they are:" + (" VAR" if cfg.answer_prefix == "base" else ""))
 
     def render(n: int) -> tuple[str, tuple[int, int]]:
         return _wrap(head, " ".join(_insert(hay.take(n, start), needles, depths)), tail)
@@ -393,6 +407,22 @@ def make_sample(task: str, length: int, index: int, tokenizer: Any, seed: int = 
             prompt, span, tokens = fitted
             return Sample(task, length, index, prompt, draft.answers, tokens, new, draft.needles, draft.depths, span)
     raise ValueError(f"Length {length} is too short for task {task} (its template alone exceeds {budget} tokens)")
+
+
+def calibration_set(tokenizer: Any, length: int, tasks: Iterable[str] = TASKS, seed: int = 0,
+                    config: TaskConfig | None = None, max_new_tokens: int | None = None) -> HeldoutSet:
+    """One prompt per task at `length`, index -1 (never evaluated), cut to the shortest so they stack.
+
+    Why: a threshold that keeps 25% of prose keeps 4-30% of these prompts (repeated noise sentences,
+    word lists), depending on the policy; matching density on the prompts the methods will see is
+    what makes the suite's comparison fair."""
+    cfg, tasks = config or TaskConfig(), list(tasks)
+    hay = make_haystack(cfg) if any(t.startswith("niah") for t in tasks) else None
+    samples = [make_sample(t, length, -1, tokenizer, seed, cfg, hay, max_new_tokens) for t in tasks]
+    ids = [tokenizer(s.prompt, return_tensors="pt").input_ids[0] for s in samples]
+    shortest = min(len(i) for i in ids)
+    return HeldoutSet(torch.stack([i[:shortest] for i in ids]), [f"{s.task}/{length}/-1" for s in samples],
+                      ["tasks"] * len(samples))
 
 
 def build_suite(tokenizer: Any, lengths: Iterable[int], tasks: Iterable[str] = TASKS, samples_per_cell: int = 4,
@@ -554,8 +584,9 @@ def run_methods(model: torch.nn.Module, tokenizer: Any, methods: list[Method], l
                 save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """The same samples for every method -> {"methods": [{"method", "threshold", "cells", "samples"}], ...}.
 
-    `resume` is a partial result that `save` got from an interrupted call with the same settings:
-    its finished methods are reused as they are, a partial one continues after its last sample.
+    `resume` is an earlier result (partial, as `save` got it, or finished) with the same settings:
+    its samples are reused as they are and only missing ones run, so an interrupted run continues
+    and a finished one can grow to more samples per cell.
     `save` gets the partial result after every sample, so a long suite can resume."""
     cfg, tasks = config or TaskConfig(), list(tasks)
     ok, skipped = usable_lengths(model, lengths)
@@ -564,17 +595,14 @@ def run_methods(model: torch.nn.Module, tokenizer: Any, methods: list[Method], l
     done = {}
     if resume:
         wanted = json.loads(json.dumps(header, default=str))  # as the saved file holds it
-        changed = [k for k in wanted if resume.get(k) != wanted[k]]
+        changed = [k for k in wanted if k != "samples_per_cell" and resume.get(k) != wanted[k]]
         if changed:
-            raise ValueError(f"The interrupted run was made with other settings ({', '.join(changed)}): rerun with "
+            raise ValueError(f"The earlier run was made with other settings ({', '.join(changed)}): rerun with "
                              "the same settings, or start again without resuming.")
         done = {r["label"]: r for r in resume["methods"]}
     runs: list[dict[str, Any]] = []
     for m in methods:
         prior = done.get(m.label)
-        if prior and not prior.get("partial"):
-            runs.append(prior)
-            continue
         head = {"method": m.name, "label": m.label, "threshold": m.threshold, "sinks": m.sinks}
 
         def on_row(rows: list[dict[str, Any]]) -> None:
