@@ -208,9 +208,10 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
         save=lambda partial_result: write_json(partial, {**head, **partial_result}),
     )
     write_json(final, {**head, **result})
-    atomic_write_text(out / "tasks.md", ruler.tasks_markdown(result))
+    table = ruler.tasks_markdown({**head, **result})
+    atomic_write_text(out / "tasks.md", table)
     partial.unlink(missing_ok=True)
-    print(ruler.tasks_markdown(result))
+    print(table)
 
 
 def cmd_eval_lm_eval(args: argparse.Namespace) -> None:

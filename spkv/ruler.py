@@ -625,8 +625,16 @@ def tasks_markdown(result: dict[str, Any]) -> str:
     """Score (%) per method x task x length, then the mean over tasks with density and retention vs dense."""
     lengths = result["lengths"]
     head = "| method | task | " + " | ".join(str(n) for n in lengths) + " | mean |"
-    lines = [f"RULER-style tasks, {result['samples_per_cell']} samples per cell, seed {result['seed']}; "
-             "score = % of expected answers found in the generated text.", "", head,
+    lines = [f"RULER-style tasks, {result['samples_per_cell']} samples per cell, seed {result['seed']}, "
+             f"{result['config'].get('answer_prefix', 'ruler')} answer prefixes; "
+             "score = % of expected answers found in the generated text."]
+    calibration = result.get("calibration")
+    if calibration:
+        on = ("one prompt per task (never evaluated)" if calibration.get("on") == "tasks"
+              else f"{len(calibration['documents'])} held-out documents")
+        lines.append(f"Policies calibrated to {100 * calibration['target_density']:g}% density on {on} of "
+                     f"{calibration['tokens']} tokens; the density column is measured on each cell's own prompts.")
+    lines += ["", head,
              "|" + " --- |" * (len(lengths) + 3)]
     means: dict[str, dict[int, tuple[float | None, float | None]]] = {}
     for run in result["methods"]:

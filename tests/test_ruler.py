@@ -265,3 +265,5 @@ def test_cli_match_density_and_resume(tmp_path, monkeypatch):
     on_prose = json.loads((prose / "calibration.json").read_text())
     assert on_prose["on"] == "heldout" and on_prose["documents"] == ["h0", "h1"]
     assert abs(on_prose["methods"]["key_norm"]["density"] - 0.3) <= 0.01
+    assert "calibrated to 30% density on one prompt per task" in (out / "tasks.md").read_text()
+    assert "calibrated to 30% density on 2 held-out documents" in (prose / "tasks.md").read_text()
