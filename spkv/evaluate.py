@@ -102,17 +102,21 @@ def nll_full_sequence(model: torch.nn.Module, data: HeldoutSet, desc: str = "eva
 
 
 def nll_with_policy(model: torch.nn.Module, data: HeldoutSet, policy: ScoringPolicy, sinks: int = 4,
-                    chunk: int = 1, desc: str = "eval") -> NLLResult:
+                    chunk: int = 1, desc: str = "eval", score: bool = True) -> NLLResult:
     """NLL when the real compressed cache decides with `policy`: prefill in chunks of `chunk` tokens
-    (chunk=1 is exact for every policy; write-time policies are exact at any chunk size)."""
+    (chunk=1 is exact for every policy; write-time policies are exact at any chunk size).
+
+    score=False measures density only (nll is NaN): the LM head over every position is most of a
+    prefill's cost for a large vocabulary (Gemma 3: 262k)."""
     per_seq, dens_seq, kept_sum, decided_sum = [], [], 0, 0
+    keep = {} if score else {"logits_to_keep": 1}
     with torch.no_grad():
         for row in tqdm(data.input_ids, desc=desc, unit="seq", leave=False):
             ids = row.unsqueeze(0)
             cache = SPKVCache(model, policy=policy, sinks=sinks)
-            logits = torch.cat([model(input_ids=ids[:, s : s + chunk], past_key_values=cache).logits
+            logits = torch.cat([model(input_ids=ids[:, s : s + chunk], past_key_values=cache, **keep).logits
                                 for s in range(0, ids.shape[1], chunk)], dim=1)
-            per_seq.append(float(_token_nll(logits, ids)))
+            per_seq.append(float(_token_nll(logits, ids)) if score else math.nan)
             stats = cache_stats(cache)
             dens_seq.append(stats.density)
             kept_sum, decided_sum = kept_sum + stats.kept.sum(1), decided_sum + stats.decided.sum(1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -30,6 +32,8 @@ def test_full_sequence_nll_and_density_equal_real_decoding(chunk):
     assert fast.density == pytest.approx(real.density, abs=1e-9)
     assert fast.density_per_sequence == pytest.approx(real.density_per_sequence, abs=1e-6)  # float32 vs float64 ratios
     assert 0.2 < fast.density < 0.8
+    density_only = nll_with_policy(model, data, SPKVPolicy(), sinks=0, chunk=chunk, score=False)
+    assert density_only.density_per_layer_head == real.density_per_layer_head and math.isnan(density_only.nll)
 
 
 def test_keep_all_equals_the_unconverted_model():
