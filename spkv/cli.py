@@ -86,13 +86,14 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[
             continue
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = f.metadata.get("help", "") + (" (default: %(default)s)" if hint is not bool else "")
         if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif typing.get_origin(hint) is list:
-            parser.add_argument(flag, nargs="+", default=default)
+            parser.add_argument(flag, nargs="+", default=default, help=text)
         else:
             base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
-            parser.add_argument(flag, type=base, default=default)
+            parser.add_argument(flag, type=base, default=default, help=text)
 
 
 def cmd_train(args: argparse.Namespace) -> None:

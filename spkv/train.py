@@ -38,35 +38,42 @@ TRAIN_LLM = ("all", "lora", "none")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def _opt(default: Any, help: str) -> Any:
+    """A config field with the help text `spkv train --help` shows."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    model: str = "smollm2-135m"
-    data: list[str] = field(default_factory=lambda: ["default"])  # "default" = spkv data's train split
-    out: str = "runs/spkv"
-    control: bool = False  # dense control: same recipe, no gates
-    train_llm: str = "lora"  # what of the LLM trains besides the predictors: all | lora | none
-    lora_rank: int = 16
-    seq_len: int = 2048
-    batch_size: int = 4  # sequences per optimizer step, over all processes
-    max_tokens: int = 1_000_000
-    lr: float = 2e-4  # the LLM's (LoRA or full) peak learning rate
-    predictor_lr_mult: float = 5.0
-    predictor_weight_decay: float = 0.1
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
-    hard_fraction: float = 0.25  # last part of the schedule: predictor frozen, gate annealed to hard
-    anneal_steps: int = 200  # capped at the hard part's length
-    window: int = 128
-    threshold: float = 0.5
-    predictor_hidden: int = 64
-    density_target: float | None = None  # optional regulariser: penalise soft density above this
-    density_weight: float = 0.0
-    distill_weight: float = 0.0  # optional KL to the frozen original model
-    bf16: bool = True
-    seed: int = 0
-    checkpoint_every: int = 25
-    delta_rank: int | None = None  # train_llm="all": store weight changes as rank-r SVD (lossy) in the adapter
+    model: str = _opt("smollm2-135m", "alias (smollm2-135m, gemma3-270m), Hugging Face id or local path")
+    data: list[str] = _opt(["default"], "'default' (spkv data's train split), text files, folders or HF dataset names")
+    out: str = _opt("runs/spkv", "run folder: checkpoint.pt, log.jsonl, train_config.json, adapter/")
+    control: bool = _opt(False, "the dense control: the same recipe with no gates")
+    train_llm: str = _opt("lora", "what of the LLM trains besides the predictors: all | lora | none")
+    lora_rank: int = _opt(16, "LoRA rank (train_llm=lora)")
+    seq_len: int = _opt(2048, "tokens per packed training sequence")
+    batch_size: int = _opt(4, "sequences per optimizer step, over all processes")
+    max_tokens: int = _opt(1_000_000, "training budget in tokens (sets the number of steps)")
+    lr: float = _opt(2e-4, "the LLM's (LoRA or full) peak learning rate")
+    predictor_lr_mult: float = _opt(5.0, "predictor LR = lr x this (paper: 5)")
+    predictor_weight_decay: float = _opt(0.1, "AdamW weight decay on the predictors")
+    weight_decay: float = _opt(0.0, "AdamW weight decay on the LLM's trained weights")
+    warmup_steps: int = _opt(10, "linear warmup steps before the cosine decay")
+    min_lr_ratio: float = _opt(0.1, "the cosine schedule ends at lr x this")
+    hard_fraction: float = _opt(0.25, "last part of the schedule: predictor frozen, gate annealed to hard")
+    anneal_steps: int = _opt(200, "steps of the soft-to-hard anneal (capped at the hard part's length)")
+    window: int = _opt(128, "local window: recent pairs always kept")
+    threshold: float = _opt(0.5, "tau the adapter deploys with (changeable later with set_threshold)")
+    predictor_hidden: int = _opt(64, "hidden units of each layer's utility predictor")
+    density_target: float | None = _opt(None, "optional regulariser: penalise soft density above this (with --density-weight)")
+    density_weight: float = _opt(0.0, "weight of the density regulariser")
+    distill_weight: float = _opt(0.0, "optional KL to the frozen original model")
+    bf16: bool = _opt(True, "bf16 autocast (CPU and GPU)")
+    seed: int = _opt(0, "data order and initialisation")
+    checkpoint_every: int = _opt(25, "steps between atomic checkpoints")
+    delta_rank: int | None = _opt(None, "train_llm=all: store weight changes as rank-r SVD (lossy) in the adapter")
 
     def __post_init__(self) -> None:
         if self.train_llm not in TRAIN_LLM:
