@@ -450,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    from spkv.results import git_commit
+
+    git_commit()  # result files record the code this run started from
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -32,7 +33,10 @@ def atomic_write_text(path: str | os.PathLike, text: str | Iterable[str]) -> Pat
     return path
 
 
-def _git_commit() -> str:
+@functools.cache
+def git_commit() -> str:
+    """The checkout's commit (+ "-dirty"), read once per process: the CLI reads it at start, so a
+    long run records the code it started from, not commits made while it ran."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
@@ -62,7 +66,7 @@ def machine() -> dict[str, Any]:
 def provenance() -> dict[str, Any]:
     return {
         "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "machine": machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
