@@ -173,7 +173,7 @@ def _task_calibration(args: argparse.Namespace, model, tokenizer, methods, confi
     if args.calibrate_on == "heldout":
         data = heldout_set(tokenizer, seq_len=args.calibration_len, max_sequences=args.calibration_sequences, corpus=args.heldout)
     else:
-        data = ruler.calibration_set(tokenizer, args.calibration_len, key["tasks"], args.seed, config, _max_new_tokens(args))
+        data = ruler.calibration_set(tokenizer, args.calibration_len, key["tasks"], args.seed, config, key["max_new_tokens"])
     found = calibrate_methods(model, data, names, args.match_density, MatchSettings(chunk=args.prefill_chunk, score=False))
     calibration = {**key, "documents": data.doc_ids, "methods": {k: v.summary() for k, v in found.items()}}
     write_json(path, calibration)
