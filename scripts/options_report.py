@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 from spkv.evaluate import paired_dnll_stderr  # noqa: E402
 from spkv.results import atomic_write_text, write_json  # noqa: E402
 
-RECIPE_KEYS = ("train_llm", "predictor_lr_mult", "density_target", "density_weight", "distill_weight", "lr", "max_tokens")
+RECIPE_KEYS = ("train_llm", "predictor_lr_mult", "density_target", "density_weight", "density_ramp_steps", "distill_weight", "bf16", "lr", "max_tokens")
 
 
 def row(name: str, sweep_path: Path, config_path: Path) -> dict:
@@ -42,13 +42,16 @@ def main() -> None:
         "SP-KV training options at equal tokens on SmolLM2-135M: held-out NLL at 2k tokens on the same 16 documents, "
         "SP-KV at tau 0.5 against the same dense control. Target: density <= 35% with dNLL <= +1%.",
         "",
-        "| option | train LLM | predictor LR x | density target / weight | distill weight | tokens | density | dNLL% vs control (± paired s.e.) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| option | train LLM | precision | predictor LR x | density target / weight | distill weight | tokens | density | dNLL% vs control (± paired s.e.) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         c = r["recipe"]
         reg = f"{c['density_target']} / {c['density_weight']}" if c.get("density_target") is not None else "off"
-        lines.append(f"| {r['option']} | {c.get('train_llm')} | {c.get('predictor_lr_mult')} | {reg} | {c.get('distill_weight')} "
+        if c.get("density_ramp_steps"):
+            reg += f", ramped over {c['density_ramp_steps']} steps"
+        precision = "bf16 autocast" if c.get("bf16") else "fp32"
+        lines.append(f"| {r['option']} | {c.get('train_llm')} | {precision} | {c.get('predictor_lr_mult')} | {reg} | {c.get('distill_weight')} "
                      f"| {r['train_tokens']} | {100 * r['density']:.1f}% | {r['dnll_pct']:+.2f}% ± {r['dnll_pct_stderr']:.2f} |")
     write_json(ROOT / "results/train/options.json", {"rows": rows})
     atomic_write_text(ROOT / "results/train/options.md", "\n".join(lines) + "\n")

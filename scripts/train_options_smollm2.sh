@@ -14,8 +14,9 @@ declare -A options=(
   [reg35]="--predictor-lr-mult 25 --density-target 0.35 --density-weight 1.0"
   [distill]="--predictor-lr-mult 25 --density-target 0.25 --density-weight 1.0 --distill-weight 1.0"
   [plr5-reg25]="--predictor-lr-mult 5 --density-target 0.25 --density-weight 1.0"
+  [ramp35]="--predictor-lr-mult 25 --density-target 0.35 --density-weight 1.0 --density-ramp-steps 50 --no-bf16"
 )
-order=(${OPTIONS:-lm-only reg35 distill plr5-reg25})
+order=(${OPTIONS:-lm-only reg35 distill plr5-reg25 ramp35})
 for name in "${order[@]}"; do
   out=runs/options/$name
   if [ ! -f $out/adapter/adapter_config.json ]; then

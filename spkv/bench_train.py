@@ -21,7 +21,7 @@ from .train import TrainConfig, _step_loss, build_model, build_optimizer
 def _one_step(cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> float:
     start = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-        loss, _ = _step_loss(cfg, model, None, ids)
+        loss, _ = _step_loss(cfg, model, None, ids, step=0)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -29,7 +29,7 @@ def _one_step(cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.O
 
 
 def run_train_bench(model: str = "smollm2-135m", seq_len: int = 2048, steps: int = 5, warmup: int = 1,
-                    train_llm: str = "lora", bf16: bool = True) -> dict[str, Any]:
+                    train_llm: str = "lora", bf16: bool | None = None) -> dict[str, Any]:
     runs = {}
     for name, control in (("plain fine-tuning", True), ("SP-KV (soft phase)", False)):
         cfg = TrainConfig(model=model, control=control, seq_len=seq_len, batch_size=1, max_tokens=seq_len * (steps + warmup),
@@ -45,7 +45,7 @@ def run_train_bench(model: str = "smollm2-135m", seq_len: int = 2048, steps: int
                 times.append(seconds)
     rows = [{"run": name, "median_step_s": statistics.median(t), "step_s": t, "tokens_per_s": seq_len / statistics.median(t)}
             for name, (_, _, _, t) in runs.items()]
-    return {"benchmark": "train", "model": model, "seq_len": seq_len, "train_llm": train_llm, "bf16": bf16,
+    return {"benchmark": "train", "model": model, "seq_len": seq_len, "train_llm": train_llm, "bf16": cfg.bf16,
             "steps": steps, "warmup": warmup, "threads": torch.get_num_threads(), "rows": rows,
             "spkv_over_plain": rows[1]["median_step_s"] / rows[0]["median_step_s"]}
 

@@ -86,13 +86,13 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[
             continue
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        text = f.metadata.get("help", "") + (" (default: %(default)s)" if hint is not bool else "")
-        if hint is bool:
+        base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)  # X | None -> X
+        text = f.metadata.get("help", "") + (" (default: %(default)s)" if base is not bool else "")
+        if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif typing.get_origin(hint) is list:
             parser.add_argument(flag, nargs="+", default=default, help=text)
         else:
-            base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
             parser.add_argument(flag, type=base, default=default, help=text)
 
 
@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--steps", type=int, default=5)
     bt.add_argument("--warmup", type=int, default=1)
     bt.add_argument("--train-llm", default="lora", choices=["all", "lora", "none"])
-    bt.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    bt.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on where bf16 is fast here")
     bt.add_argument("--out", default="results/bench")
     bt.set_defaults(func=cmd_bench_train)
 

@@ -12,6 +12,7 @@ Checkpoints are atomic and `resume=True` continues with the same data order and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -45,6 +46,31 @@ def _opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+@functools.cache
+def bf16_is_fast() -> bool:
+    """Whether bf16 autocast pays here. A CPU without native bf16 (AVX2 only) emulates it: a bf16
+    matmul took 350x as long as fp32 on a 2-core EPYC, so training there must stay in fp32."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+
+    def seconds(x: torch.Tensor) -> float:  # the fastest of a few: a busy machine only slows some
+        x @ x  # first call: kernel selection
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            x @ x
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: no waiting on a descheduled peer when the machine is busy
+    try:
+        a = torch.randn(256, 256)
+        return seconds(a.bfloat16()) <= 3 * seconds(a)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @dataclass
 class TrainConfig:
     model: str = _opt("smollm2-135m", "alias (smollm2-135m, gemma3-270m), Hugging Face id or local path")
@@ -69,13 +95,16 @@ class TrainConfig:
     predictor_hidden: int = _opt(64, "hidden units of each layer's utility predictor")
     density_target: float | None = _opt(None, "optional regulariser: penalise soft density above this (with --density-weight)")
     density_weight: float = _opt(0.0, "weight of the density regulariser")
+    density_ramp_steps: int = _opt(0, "ramp the regulariser's target linearly from 1 down to --density-target over this many steps (0: constant target)")
     distill_weight: float = _opt(0.0, "optional KL to the frozen original model")
-    bf16: bool = _opt(True, "bf16 autocast (CPU and GPU)")
+    bf16: bool | None = _opt(None, "bf16 autocast; default: on where this hardware runs bf16 fast (a GPU with bf16, a CPU with native bf16), else fp32")
     seed: int = _opt(0, "data order and initialisation")
     checkpoint_every: int = _opt(25, "steps between atomic checkpoints")
     delta_rank: int | None = _opt(None, "train_llm=all: store weight changes as rank-r SVD (lossy) in the adapter")
 
     def __post_init__(self) -> None:
+        if self.bf16 is None:
+            self.bf16 = bf16_is_fast()
         if self.train_llm not in TRAIN_LLM:
             raise ValueError(f"TrainConfig.train_llm must be one of {TRAIN_LLM}, got {self.train_llm!r}")
         if not 0.0 <= self.hard_fraction < 1.0:
@@ -84,6 +113,8 @@ class TrainConfig:
             raise ValueError("TrainConfig needs batch_size >= 1, seq_len >= 2 and max_tokens >= one batch of tokens")
         if (self.density_target is None) != (self.density_weight == 0.0):
             raise ValueError("Set both TrainConfig.density_target and density_weight (> 0), or neither")
+        if self.density_ramp_steps < 0 or (self.density_ramp_steps and self.density_target is None):
+            raise ValueError("TrainConfig.density_ramp_steps must be >= 0 and needs a density_target")
         if self.control and (self.density_weight or self.train_llm == "none"):
             raise ValueError("The dense control has no gates: no density regulariser, and train_llm must not be 'none'")
 
@@ -111,6 +142,14 @@ def phase_at(cfg: TrainConfig, step: int) -> tuple[str, float]:
     anneal = max(1, min(cfg.anneal_steps, cfg.total_steps - hard_start))
     alpha = min(1.0, (step - hard_start + 1) / anneal)
     return ("hard", 1.0) if alpha >= 1.0 else ("anneal", alpha)
+
+
+def density_target_at(cfg: TrainConfig, step: int) -> float:
+    """The regulariser's target at a step. A ramp lets the gates close gradually: with a constant
+    target the predictor's momentum carries the density far below it (results/train/README.md)."""
+    if not cfg.density_ramp_steps:
+        return cfg.density_target
+    return 1.0 - (1.0 - cfg.density_target) * min(1.0, (step + 1) / cfg.density_ramp_steps)
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -249,7 +288,7 @@ def load_checkpoint(path: Path, model, optimizer, cfg: TrainConfig) -> int:
 # -- the loop -----------------------------------------------------------------------------------
 
 
-def _step_loss(cfg: TrainConfig, model, teacher, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def _step_loss(cfg: TrainConfig, model, teacher, input_ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one micro-batch and its logged numbers (density at tau from the gates used)."""
     core = _core(model)
     with record_gates(core) if not cfg.control else nullcontext({}) as gates:
@@ -261,14 +300,15 @@ def _step_loss(cfg: TrainConfig, model, teacher, input_ids: torch.Tensor) -> tup
         if cfg.density_weight and core.spkv_config.phase == "soft":
             soft_kept, soft_counted = gate_density(gates, cfg.threshold, cfg.window, soft=True)
             soft_density = (soft_kept / soft_counted.clamp(min=1)).mean()
-            loss = loss + cfg.density_weight * F.relu(soft_density - cfg.density_target)
-            stats["soft_density"] = float(soft_density)
+            target = density_target_at(cfg, step)
+            loss = loss + cfg.density_weight * F.relu(soft_density - target)
+            stats["soft_density"], stats["density_target"] = float(soft_density.detach()), target
     if teacher is not None:
         with torch.no_grad():
             target = F.log_softmax(teacher(input_ids=input_ids, use_cache=False).logits.float(), dim=-1)
         kl = F.kl_div(F.log_softmax(out.logits.float(), dim=-1), target, log_target=True, reduction="batchmean") / input_ids.shape[1]
         loss = loss + cfg.distill_weight * kl
-        stats["kl"] = float(kl)
+        stats["kl"] = float(kl.detach())
     return loss, stats
 
 
@@ -318,7 +358,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
             input_ids = data[row : row + 1].long().to(accel.device)
             sync = i == len(rows) - 1
             with accel.no_sync(model) if not sync else nullcontext(), accel.autocast():
-                loss, stats = _step_loss(cfg, model, teacher, input_ids)
+                loss, stats = _step_loss(cfg, model, teacher, input_ids, step)
                 accel.backward(loss / len(rows))
             logs.append(stats)
         accel.clip_grad_norm_(model.parameters(), 1.0)

@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import spkv
 from spkv.convert import predictors
 from spkv.density import gate_density
-from spkv.train import TrainConfig, build_model, export_adapter, lr_factor, phase_at, train
+from spkv.train import TrainConfig, build_model, density_target_at, export_adapter, lr_factor, phase_at, train
 
 from .tiny_models import save_tiny_pretrained
 
@@ -53,6 +53,17 @@ def test_schedule_phases_and_lr():
     assert phase_at(cfg, 75)[1] == pytest.approx(0.1) and phase_at(cfg, 84)[1] == 1.0
     assert lr_factor(cfg, 0) == pytest.approx(0.2) and lr_factor(cfg, 5) == pytest.approx(1.0)
     assert lr_factor(cfg, 99) == pytest.approx(cfg.min_lr_ratio, abs=1e-3)
+
+
+def test_density_target_ramp():
+    constant = TrainConfig(density_target=0.35, density_weight=1.0)
+    assert density_target_at(constant, 0) == density_target_at(constant, 500) == 0.35
+    ramp = TrainConfig(density_target=0.35, density_weight=1.0, density_ramp_steps=50)
+    assert density_target_at(ramp, 0) == pytest.approx(1 - 0.65 / 50)
+    assert density_target_at(ramp, 24) == pytest.approx(1 - 0.65 / 2)
+    assert density_target_at(ramp, 49) == density_target_at(ramp, 70) == pytest.approx(0.35)
+    with pytest.raises(ValueError, match="density_ramp_steps"):
+        TrainConfig(density_ramp_steps=10)
 
 
 def test_config_errors():
