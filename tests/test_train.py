@@ -17,7 +17,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import spkv
 from spkv.convert import predictors
 from spkv.density import gate_density
-from spkv.train import TrainConfig, build_model, density_target_at, export_adapter, lr_factor, phase_at, train
+from spkv.cli import build_parser
+from spkv.train import TrainConfig, bf16_is_fast, build_model, density_target_at, export_adapter, lr_factor, phase_at, train
 
 from .tiny_models import save_tiny_pretrained
 
@@ -64,6 +65,13 @@ def test_density_target_ramp():
     assert density_target_at(ramp, 49) == density_target_at(ramp, 70) == pytest.approx(0.35)
     with pytest.raises(ValueError, match="density_ramp_steps"):
         TrainConfig(density_ramp_steps=10)
+
+
+def test_bf16_default_follows_the_hardware():
+    assert TrainConfig().bf16 is bf16_is_fast()
+    assert TrainConfig(bf16=True).bf16 is True and TrainConfig(bf16=False).bf16 is False
+    parse = lambda *flags: build_parser().parse_args(["train", *flags]).bf16  # noqa: E731
+    assert (parse(), parse("--bf16"), parse("--no-bf16")) == (None, True, False)
 
 
 def test_config_errors():
@@ -133,6 +141,28 @@ def test_exported_lora_adapter_reproduces_the_trained_model(tiny_setup, tmp_path
     with torch.no_grad():
         got = fresh(input_ids=ids, use_cache=False).logits
     assert torch.allclose(got, expected, atol=2e-3), (got - expected).abs().max()  # low-rank factors stored in bf16
+
+
+def test_gemma3_trains_a_gate_on_its_full_attention_layer_only(tiny_setup, tmp_path):
+    """Gemma 3 interleaves sliding-window layers (left as they are) with full-attention ones (gated):
+    a LoRA run end to end, then the exported adapter must reproduce the trained model in a fresh one."""
+    model_dir = save_tiny_pretrained(tmp_path / "gemma3", family="gemma3")
+    cfg = tiny_config((model_dir, tiny_setup[1]), tmp_path / "run", train_llm="lora", lora_rank=4, window=8)
+    adapter = train(cfg)
+    trained = trained_state(tmp_path / "run")
+    gated = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in trained if "spkv_predictor" in k})
+    assert gated == [3]  # tiny Gemma 3: layers 0-2 sliding, layer 3 full attention
+    fresh, _ = spkv.load_model(str(model_dir))
+    spkv.load_adapter(fresh, adapter)
+    assert sorted(predictors(fresh)) == gated
+    model, _, _, _ = build_model(cfg)  # the same LoRA model, given the trained weights
+    model.load_state_dict(trained, strict=False)
+    spkv.update_config(model.get_base_model(), phase="hard")
+    ids = torch.randint(2, 62, (1, 24))
+    model.eval()
+    with torch.no_grad():
+        expected, got = model(input_ids=ids, use_cache=False).logits, fresh(input_ids=ids, use_cache=False).logits
+    assert torch.allclose(got, expected, atol=2e-3), (got - expected).abs().max()
 
 
 def test_train_benchmark_smoke(tiny_setup, tmp_path):

@@ -62,12 +62,15 @@ def batch(seed: int = 0, batch_size: int = 2, length: int = 40, left_pad: int = 
     return ids, mask
 
 
-def save_tiny_pretrained(path: Path, words: int = 60, seed: int = 0, **config) -> Path:
-    """A loadable checkpoint folder: a tiny random Llama and a word-level tokenizer ("w0" ... "wN")."""
+def save_tiny_pretrained(path: Path, words: int = 60, seed: int = 0, family: str = "llama", **config) -> Path:
+    """A loadable checkpoint folder: a tiny random model and a word-level tokenizer ("w0" ... "wN")."""
     vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(words)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>").save_pretrained(path)
+    if family != "llama":
+        tiny_model(family, seed, vocab_size=len(vocab), eos_token_id=1, bos_token_id=None, max_position_embeddings=512, **config).save_pretrained(path)
+        return path
     kw = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, eos_token_id=1, max_position_embeddings=512)
     torch.manual_seed(seed)
