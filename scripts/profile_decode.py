@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from spkv import bench
+from spkv.cache import CACHE_ARG
 from spkv.results import atomic_write_text, write_json
 
 # Functions whose cumulative time cProfile reports (file suffix, function name).
@@ -41,7 +42,7 @@ def step_times(model: torch.nn.Module, cache: Any, token: torch.Tensor, steps: i
     with torch.no_grad():
         for _ in range(steps):
             start = time.perf_counter()
-            token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            token = model(input_ids=token, **{CACHE_ARG: cache}, use_cache=True).logits[:, -1:].argmax(-1)
             times.append(time.perf_counter() - start)
     return times, token
 

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .cache import SPKVCache, SPKVLayer, cache_stats
+from .cache import CACHE_ARG, SPKVCache, SPKVLayer, cache_stats
 from .config import SPKVConfig
 from .convert import convert, predictors
 from .policies import RandomPolicy, SPKVPolicy, StreamingLLM
@@ -168,7 +168,7 @@ def chunked_prefill(model: torch.nn.Module, cache: Cache, ids: torch.Tensor, chu
     """Run the prompt through the model in chunks with `cache`; returns the greedy next token [B, 1]."""
     with torch.no_grad():
         for start in range(0, ids.shape[1], chunk):
-            out = model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids[:, start:start + chunk], **{CACHE_ARG: cache}, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1:].argmax(-1)
 
 
@@ -459,7 +459,7 @@ def time_decode(model: torch.nn.Module, cache: Cache, token: torch.Tensor, warmu
     with torch.no_grad():
         for i in range(warmup + steps * repeats):
             start = time.perf_counter()
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            out = model(input_ids=token, **{CACHE_ARG: cache}, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             elapsed = time.perf_counter() - start
             if i >= warmup:

@@ -15,9 +15,12 @@ Attention of new queries runs over (global store + window) under the same rule a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 from transformers.cache_utils import (
     DYNAMIC_LAYER_TYPE_MAPPING,
     Cache,
@@ -31,6 +34,26 @@ from .config import SPKVConfig
 from .policies import ScoringPolicy, SPKVPolicy
 from .store import PagedStore, page_size
 from .window import Window
+
+
+# transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (the old
+# argument name is accepted, with a warning, until 5.40). spkv reads whichever name a call used.
+CACHE_ARG = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
+
+
+def cache_argument(kwargs: dict[str, Any]) -> tuple[str, Any]:
+    """(name, cache) of a forward call's cache argument; a missing one is named as this version wants."""
+    names = [n for n in ("cache", "past_key_values") if n in kwargs]
+    name = next((n for n in names if kwargs[n] is not None), names[0] if names else CACHE_ARG)
+    return name, kwargs.get(name)
+
+
+def output_cache(output: Any) -> Cache | None:
+    """The cache a forward or generate() returned (`.cache` from transformers 5.24, `.past_key_values` before)."""
+    for name in ("cache", "past_key_values"):
+        if getattr(output, name, None) is not None:
+            return getattr(output, name)
+    return None
 
 
 class SPKVLayer(CacheLayerMixin):
@@ -286,7 +309,7 @@ def default_cache_hook(model: torch.nn.Module, args: tuple, kwargs: dict) -> tup
     Replaces a missing cache, or the empty DynamicCache that generate() makes, when the model is in
     eval mode and the hard (inference) phase; a cache the user passed is left alone.
     """
-    cache = kwargs.get("past_key_values")
+    name, cache = cache_argument(kwargs)
     use_cache = kwargs.get("use_cache")
     use_cache = model.config.use_cache if use_cache is None else use_cache
     fresh = cache is None or (
@@ -294,7 +317,7 @@ def default_cache_hook(model: torch.nn.Module, args: tuple, kwargs: dict) -> tup
     )
     if fresh and use_cache and not model.training and model.spkv_config.phase == "hard":
         cache = SPKVCache(model)
-        kwargs["past_key_values"] = cache
+        kwargs[name] = cache
     if isinstance(cache, SPKVCache):
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import attention
-from .cache import SPKVCache, default_cache_hook
+from .cache import SPKVCache, cache_argument, default_cache_hook
 from .config import SPKVConfig
 from .predictor import UtilityPredictor
 
@@ -68,7 +68,7 @@ def _predictor_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
     logits = predictor(hidden)
     if predictor.recording is not None:
         predictor.recording[module.layer_idx] = logits
-    cache = kwargs.get("past_key_values")
+    _, cache = cache_argument(kwargs)
     if isinstance(cache, SPKVCache):
         # The compressed cache takes the new tokens' gates now, before this layer's update().
         kwargs["spkv_cache_layer"] = cache.spkv_stage_gates(module.layer_idx, logits, predictor.config)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .cache import SPKVCache, cache_stats
+from .cache import CACHE_ARG, SPKVCache, cache_stats
 from .convert import is_converted, record_gates
 from .density import gate_density
 from .policies import ScoringPolicy
@@ -114,7 +114,7 @@ def nll_with_policy(model: torch.nn.Module, data: HeldoutSet, policy: ScoringPol
         for row in tqdm(data.input_ids, desc=desc, unit="seq", leave=False):
             ids = row.unsqueeze(0)
             cache = SPKVCache(model, policy=policy, sinks=sinks)
-            logits = torch.cat([model(input_ids=ids[:, s : s + chunk], past_key_values=cache, **keep).logits
+            logits = torch.cat([model(input_ids=ids[:, s : s + chunk], **{CACHE_ARG: cache}, **keep).logits
                                 for s in range(0, ids.shape[1], chunk)], dim=1)
             per_seq.append(float(_token_nll(logits, ids)) if score else math.nan)
             stats = cache_stats(cache)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .cache import SPKVCache, cache_stats
+from .cache import CACHE_ARG, SPKVCache, cache_stats
 
 
 class _StepClock(LogitsProcessor):
@@ -69,7 +69,7 @@ def generate_with_report(
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
-            **enc, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            **enc, **{CACHE_ARG: cache}, max_new_tokens=max_new_tokens, do_sample=do_sample,
             prefill_chunk_size=prefill_chunk_size if prefill_chunk_size and prefill_chunk_size < n_prompt else None,
             logits_processor=LogitsProcessorList([clock]), pad_token_id=tokenizer.pad_token_id, **generate_kwargs,
         )

@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 from transformers.cache_utils import Cache
 
-from .cache import SPKVCache, cache_stats
+from .cache import CACHE_ARG, SPKVCache, cache_stats, output_cache
 from .evaluate import HeldoutSet
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
@@ -455,7 +455,7 @@ def generate_answer(model: torch.nn.Module, tokenizer: Any, prompt: str, cache: 
     or when no pair has left the window yet)."""
     enc = tokenizer(prompt, return_tensors="pt").to(model.device)
     n = enc.input_ids.shape[1]
-    extra = {} if cache is None else {"past_key_values": cache}
+    extra = {} if cache is None else {CACHE_ARG: cache}
     with torch.no_grad():
         out = model.generate(
             **enc, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True,
@@ -464,7 +464,7 @@ def generate_answer(model: torch.nn.Module, tokenizer: Any, prompt: str, cache: 
             **extra,
         )
     text = tokenizer.decode(out.sequences[0, n:], skip_special_tokens=True)
-    used = out.past_key_values
+    used = output_cache(out)
     density = None
     if isinstance(used, SPKVCache) and any(layer.is_initialized for layer in used.spkv_layers()):
         value = cache_stats(used).density

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import spkv
-from spkv.cache import SPKVLayer
+from spkv.cache import CACHE_ARG, SPKVLayer, cache_argument, output_cache
 from spkv.policies import H2O, POLICIES, TOVA, KeepAll, KeyNorm, RandomPolicy, SPKVPolicy, StreamingLLM
 
 from .test_core import assert_close_on_real_tokens, logits, randomize_gates
@@ -82,13 +82,22 @@ def test_generate_uses_the_compressed_cache_and_sampling_works():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=5,
                              pad_token_id=0, return_dict_in_generate=True)
     assert out.sequences.shape == (2, 28)
-    assert isinstance(out.past_key_values, spkv.SPKVCache)
-    assert out.past_key_values.get_seq_length() == 27  # the last sampled token is never fed back
+    assert isinstance(output_cache(out), spkv.SPKVCache)
+    assert output_cache(out).get_seq_length() == 27  # the last sampled token is never fed back
     spkv.set_threshold(model, 0.9)  # deploy-time change, then generate again
     with torch.no_grad():
         again = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
                                return_dict_in_generate=True)
-    assert spkv.cache_stats(again.past_key_values).density < spkv.cache_stats(out.past_key_values).density
+    assert spkv.cache_stats(output_cache(again)).density < spkv.cache_stats(output_cache(out)).density
+
+
+def test_cache_argument_under_either_name():
+    """transformers 5.24 renamed past_key_values to cache: hooks find the cache under either name."""
+    c = object()
+    assert cache_argument({"past_key_values": c}) == ("past_key_values", c)
+    assert cache_argument({"cache": c, "past_key_values": None}) == ("cache", c)
+    assert cache_argument({"cache": None}) == ("cache", None)
+    assert cache_argument({}) == (CACHE_ARG, None)
 
 
 def test_threshold_one_leaves_only_the_window():
