@@ -47,6 +47,8 @@ def row(name: str, sweep_path: Path, config_path: Path, shipped: dict) -> dict:
         "control": sweep["control"], "density": spkv["density"], "dnll_pct": own, "dnll_pct_stderr": own_se,
         "dnll_pct_vs_shipped_control": vs_shipped, "dnll_pct_vs_shipped_control_stderr": vs_shipped_se,
         "nll": spkv["nll"], "reference_nll": reference_row(sweep)["nll"], "sweep": str(sweep_path.relative_to(ROOT)),
+        "other_taus": [{"tau": r["threshold"], "density": r["density"], "dnll_pct": dnll(r, reference_row(sweep))[0]}
+                       for r in sweep["rows"] if r["method"] == "SP-KV" and r["threshold"] != 0.5],
     }
 
 
@@ -62,8 +64,8 @@ def main() -> None:
         "Target: density <= 35% with dNLL <= +1%.",
         "",
         "| option | train LLM | precision | predictor LR x | density target / weight | distill weight | tokens | density "
-        "| dNLL% vs its control (± paired s.e.) | its control | dNLL% vs shipped bf16 control |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| dNLL% vs its control (± paired s.e.) | its control | dNLL% vs shipped bf16 control | other tau: density, dNLL% |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         c = r["recipe"]
@@ -71,9 +73,11 @@ def main() -> None:
         if c.get("density_ramp_steps"):
             reg += f", ramped over {c['density_ramp_steps']} steps"
         precision = "bf16 autocast" if c.get("bf16") else "fp32"
+        others = "; ".join(f"{o['tau']}: {100 * o['density']:.1f}%, {o['dnll_pct']:+.2f}%" for o in r["other_taus"])
         lines.append(f"| {r['option']} | {c.get('train_llm')} | {precision} | {c.get('predictor_lr_mult')} | {reg} | {c.get('distill_weight')} "
                      f"| {r['train_tokens']} | {100 * r['density']:.1f}% | {r['dnll_pct']:+.2f}% ± {r['dnll_pct_stderr']:.2f} "
-                     f"| `{r['control']}` | {r['dnll_pct_vs_shipped_control']:+.2f}% ± {r['dnll_pct_vs_shipped_control_stderr']:.2f} |")
+                     f"| `{r['control']}` | {r['dnll_pct_vs_shipped_control']:+.2f}% ± {r['dnll_pct_vs_shipped_control_stderr']:.2f} "
+                     f"| {others} |")
     write_json(ROOT / "results/train/options.json", {"rows": rows})
     atomic_write_text(ROOT / "results/train/options.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
