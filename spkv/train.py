@@ -49,7 +49,8 @@ def _opt(default: Any, help: str) -> Any:
 @functools.cache
 def bf16_is_fast() -> bool:
     """Whether bf16 autocast pays here. A CPU without native bf16 (AVX2 only) emulates it: a bf16
-    matmul took 350x as long as fp32 on a 2-core EPYC, so training there must stay in fp32."""
+    matmul took 58x (256x256) to 350x (2048x2048) as long as fp32 on a 2-core EPYC, so training there
+    must stay in fp32."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
 
@@ -145,8 +146,8 @@ def phase_at(cfg: TrainConfig, step: int) -> tuple[str, float]:
 
 
 def density_target_at(cfg: TrainConfig, step: int) -> float:
-    """The regulariser's target at a step. A ramp lets the gates close gradually: with a constant
-    target the predictor's momentum carries the density far below it (results/train/README.md)."""
+    """The regulariser's target at a step. A ramp was meant to stop the predictor's momentum carrying
+    the density far below a constant target; in the ramp35 run it did not (results/train/README.md)."""
     if not cfg.density_ramp_steps:
         return cfg.density_target
     return 1.0 - (1.0 - cfg.density_target) * min(1.0, (step + 1) / cfg.density_ramp_steps)
