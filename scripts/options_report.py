@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 from spkv.evaluate import paired_dnll_stderr  # noqa: E402
 from spkv.results import atomic_write_text, write_json  # noqa: E402
 
-RECIPE_KEYS = ("train_llm", "predictor_lr_mult", "density_target", "density_weight", "density_ramp_steps", "distill_weight", "bf16", "lr", "max_tokens")
+RECIPE_KEYS = ("train_llm", "predictor_lr_mult", "density_target", "density_weight", "density_ramp_steps", "density_two_sided", "distill_weight", "bf16", "lr", "max_tokens")
 
 
 SHIPPED = ROOT / "results/train/nll_sweep.json"
@@ -70,6 +70,8 @@ def main() -> None:
     for r in rows:
         c = r["recipe"]
         reg = f"{c['density_target']} / {c['density_weight']}" if c.get("density_target") is not None else "off"
+        if c.get("density_two_sided"):
+            reg += ", two-sided"
         if c.get("density_ramp_steps"):
             reg += f", ramped over {c['density_ramp_steps']} steps"
         precision = "bf16 autocast" if c.get("bf16") else "fp32"

@@ -17,10 +17,13 @@ declare -A options=(
   [plr5-reg25]="--predictor-lr-mult 5 --density-target 0.25 --density-weight 1.0"
   # fp32: trained on a CPU without native bf16, so it has a dense control of its own in fp32
   [ramp35]="--predictor-lr-mult 25 --density-target 0.35 --density-weight 1.0 --density-ramp-steps 50 --no-bf16"
+  # two-sided regulariser: pulls the density back up when it falls under the target
+  [both35]="--predictor-lr-mult 25 --density-target 0.35 --density-weight 1.0 --density-two-sided --no-bf16"
+  [both38]="--predictor-lr-mult 25 --density-target 0.38 --density-weight 1.0 --density-two-sided --no-bf16"
 )
-declare -A controls=([ramp35]=runs/options/control-fp32)
+declare -A controls=([ramp35]=runs/options/control-fp32 [both35]=runs/options/control-fp32 [both38]=runs/options/control-fp32)
 resume() { [ -f "$1/checkpoint.pt" ] && echo --resume || true; }
-order=(${OPTIONS:-lm-only reg35 distill plr5-reg25 ramp35})
+order=(${OPTIONS:-lm-only reg35 distill plr5-reg25 ramp35 both35 both38})
 for name in "${order[@]}"; do
   out=runs/options/$name
   control=${controls[$name]:-}

@@ -18,7 +18,7 @@ import spkv
 from spkv.convert import predictors
 from spkv.density import gate_density
 from spkv.cli import build_parser
-from spkv.train import TrainConfig, bf16_is_fast, build_model, density_target_at, export_adapter, lr_factor, phase_at, train
+from spkv.train import TrainConfig, bf16_is_fast, build_model, density_penalty, density_target_at, export_adapter, lr_factor, phase_at, train
 
 from .tiny_models import save_tiny_pretrained
 
@@ -65,6 +65,21 @@ def test_density_target_ramp():
     assert density_target_at(ramp, 49) == density_target_at(ramp, 70) == pytest.approx(0.35)
     with pytest.raises(ValueError, match="density_ramp_steps"):
         TrainConfig(density_ramp_steps=10)
+
+
+def test_density_penalty_one_or_two_sided():
+    above = TrainConfig(density_target=0.35, density_weight=2.0)
+    both = TrainConfig(density_target=0.35, density_weight=2.0, density_two_sided=True)
+    for density, one, two in [(0.5, 0.3, 0.3), (0.2, 0.0, 0.3), (0.35, 0.0, 0.0)]:
+        assert float(density_penalty(above, torch.tensor(density), 0)) == pytest.approx(one)
+        assert float(density_penalty(both, torch.tensor(density), 0)) == pytest.approx(two)
+    low = torch.tensor(0.2, requires_grad=True)
+    density_penalty(both, low, 0).backward()
+    assert float(low.grad) == pytest.approx(-2.0)  # below the target it pushes the density up
+    with pytest.raises(ValueError, match="density_two_sided"):
+        TrainConfig(density_two_sided=True)
+    with pytest.raises(ValueError, match=r"density_target must be in \(0, 1\)"):
+        TrainConfig(density_target=1.5, density_weight=1.0)
 
 
 def test_bf16_default_follows_the_hardware():
@@ -227,7 +242,7 @@ def train_recall(gated: bool, steps: int, seed: int = 0) -> tuple[float, float |
         loss = F.cross_entropy(logits[:, -2], ids[:, -1])
         if gated and phase == "soft":
             kept, counted = gate_density(gates, cfg.threshold, WINDOW, soft=True)
-            loss = loss + cfg.density_weight * F.relu((kept / counted).mean() - cfg.density_target)
+            loss = loss + density_penalty(cfg, (kept / counted).mean(), step)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
