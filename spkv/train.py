@@ -94,7 +94,7 @@ class TrainConfig:
     window: int = _opt(128, "local window: recent pairs always kept")
     threshold: float = _opt(0.5, "tau the adapter deploys with (changeable later with set_threshold)")
     predictor_hidden: int = _opt(64, "hidden units of each layer's utility predictor")
-    density_target: float | None = _opt(None, "optional regulariser: penalise soft density above this target in (0, 1) (with --density-weight)")
+    density_target: float | None = _opt(None, "optional regulariser's target soft density in (0, 1): penalised above it, and below it too with --density-two-sided (needs --density-weight)")
     density_two_sided: bool = _opt(False, "penalise the soft density's distance from --density-target on both sides (default: only above it)")
     density_weight: float = _opt(0.0, "weight of the density regulariser")
     density_ramp_steps: int = _opt(0, "ramp the regulariser's target linearly from 1 down to --density-target over this many steps (0: constant target)")
