@@ -1,7 +1,8 @@
 """Issue 4's options comparison at equal tokens, from the result files (never typed by hand).
 
-Reads the shipped run (results/train/nll_sweep.json) and every results/train/options/NAME/nll_sweep.json
-written by scripts/train_options_smollm2.sh, and writes results/train/options.md + options.json:
+Reads the shipped run (results/train/nll_sweep.json), every results/train/options/NAME/nll_sweep.json
+written by scripts/train_options_smollm2.sh and every results/train/long/NAME/nll_sweep.json (longer
+runs with their own control, scripts/train_long_smollm2.sh), and writes results/train/options.md + options.json:
 per option, what it changed, its tokens, and at tau 0.5 the density and dNLL% vs the same dense
 control with the paired standard error. Run: .venv/bin/python scripts/options_report.py
 """
@@ -55,10 +56,13 @@ def row(name: str, sweep_path: Path, config_path: Path, shipped: dict) -> dict:
 def main() -> None:
     shipped = json.loads(SHIPPED.read_text())
     rows = [row("shipped (reg 0.25, predictor LR x25)", SHIPPED, ROOT / "adapters/smollm2-135m-spkv/train_config.json", shipped)]
-    for sweep in sorted((ROOT / "results/train/options").glob("*/nll_sweep.json")):
-        rows.append(row(sweep.parent.name, sweep, sweep.parent / "train_config.json", shipped))
+    # equal-token options (scripts/train_options_smollm2.sh), then longer runs (scripts/train_long_smollm2.sh)
+    for folder in ("options", "long"):
+        for sweep in sorted((ROOT / "results/train" / folder).glob("*/nll_sweep.json")):
+            rows.append(row(sweep.parent.name, sweep, sweep.parent / "train_config.json", shipped))
     lines = [
-        "SP-KV training options at equal tokens on SmolLM2-135M: held-out NLL at 2k tokens on the same 16 documents, "
+        "SP-KV training options on SmolLM2-135M, at equal tokens unless the tokens column says otherwise (longer runs "
+        "have a dense control trained on the same tokens): held-out NLL at 2k tokens on the same 16 documents, "
         "SP-KV at tau 0.5 against the dense control trained with the same recipe and precision (the shipped bf16 one, "
         "or an fp32 one for runs made on a CPU without native bf16), and against the shipped control. "
         "Target: density <= 35% with dNLL <= +1%.",

@@ -153,13 +153,14 @@ def cmd_eval_matched(args: argparse.Namespace) -> None:
 
 
 def _task_calibration(args: argparse.Namespace, model, tokenizer, methods, config, path: Path) -> dict:
-    """Thresholds matching --match-density for the task suite's policies; saved, and reused by --resume."""
+    """Thresholds matching --match-density for the task suite's policies and SP-KV's tau (every method
+    but dense without a --threshold), so all run at one density; saved, and reused by --resume."""
     from spkv import ruler
     from spkv.evaluate import heldout_set
     from spkv.matched import MatchSettings, calibrate_methods
     from spkv.results import write_json
 
-    names = [m.name for m in methods if m.name not in ("dense", "spkv") and m.threshold is None]
+    names = [m.name for m in methods if m.name != "dense" and m.threshold is None]
     key = {"target_density": args.match_density, "on": args.calibrate_on, "tokens": args.calibration_len,
            "prefill_chunk": args.prefill_chunk}
     if args.calibrate_on == "heldout":
@@ -379,8 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--quick", action="store_true", help="a smoke run: 512 tokens, 1 sample, 16 new tokens")
     et.add_argument("--answer-prefix", choices=["base", "ruler"], default="base",
                     help="how prompts end: 'base' for base models (singular '... is', 'VAR'), 'ruler' RULER's own wording")
-    et.add_argument("--match-density", type=float, help="calibrate every policy without a --threshold to this density "
-                    "(mean over layers x heads) first, as spkv eval matched does")
+    et.add_argument("--match-density", type=float, help="calibrate every method without a --threshold (policies and "
+                    "spkv's tau) to this density (mean over layers x heads) first, as spkv eval matched does")
     et.add_argument("--calibrate-on", choices=["tasks", "heldout"], default="tasks",
                     help="--match-density on one prompt per task (indices never evaluated) or on held-out documents")
     et.add_argument("--calibration-sequences", type=int, default=2, help="held-out documents for --calibrate-on heldout")

@@ -483,17 +483,19 @@ def evaluate_samples(model: torch.nn.Module, tokenizer: Any, samples: list[Sampl
     reuse = {(r["task"], r["length"], r["index"]): r for r in done_rows or []}
     keys = [(s.task, s.length, s.index) for s in samples]
     rows = []
-    for s, key in tqdm(zip(samples, keys), total=len(samples), desc=desc, unit="sample",
-                       initial=sum(k in reuse for k in keys)):
-        if key in reuse:
-            rows.append(reuse[key])
-            continue
-        text, density = generate_answer(model, tokenizer, s.prompt, make_cache(), s.max_new_tokens, prefill_chunk)
-        rows.append({"task": s.task, "length": s.length, "index": s.index, "prompt_tokens": s.prompt_tokens,
-                     "answers": s.answers, "prediction": text, "score": string_match_all(text, s.answers),
-                     "density": density})
-        if on_row is not None:
-            on_row(list(rows))
+    # the bar starts at the reused rows' count and moves only for generated ones
+    with tqdm(total=len(samples), desc=desc, unit="sample", initial=sum(k in reuse for k in keys)) as bar:
+        for s, key in zip(samples, keys):
+            if key in reuse:
+                rows.append(reuse[key])
+                continue
+            text, density = generate_answer(model, tokenizer, s.prompt, make_cache(), s.max_new_tokens, prefill_chunk)
+            rows.append({"task": s.task, "length": s.length, "index": s.index, "prompt_tokens": s.prompt_tokens,
+                         "answers": s.answers, "prediction": text, "score": string_match_all(text, s.answers),
+                         "density": density})
+            bar.update(1)
+            if on_row is not None:
+                on_row(list(rows))
     return {"cells": summarize(rows), "samples": rows}
 
 

@@ -236,7 +236,7 @@ def test_cli_match_density_and_resume(tmp_path, monkeypatch):
     model_dir = save_tiny_bpe_model(tmp_path / "model")
     out = tmp_path / "out"
     args = ["eval", "tasks", "--model", str(model_dir), "--quick", "--lengths", "384", "--tasks", "niah_single", "vt",
-            "--methods", "dense", "key_norm", "--match-density", "0.3", "--calibration-len", "352", "--out", str(out)]
+            "--methods", "dense", "key_norm", "spkv", "--match-density", "0.3", "--calibration-len", "352", "--out", str(out)]
     main(args)
     result = json.loads((out / "tasks.json").read_text())
     calibration = result["calibration"]
@@ -245,6 +245,10 @@ def test_cli_match_density_and_resume(tmp_path, monkeypatch):
     assert abs(calib["density"] - 0.3) <= 0.01
     key_norm = next(m for m in result["methods"] if m["method"] == "key_norm")
     assert key_norm["threshold"] == calib["threshold"]
+    # SP-KV's tau is calibrated to the same density (here untrained gates, u near sigmoid(5))
+    spkv_calib = calibration["methods"]["spkv"]
+    assert abs(spkv_calib["density"] - 0.3) <= 0.01 and 0.0 < spkv_calib["threshold"] < 1.0
+    assert next(m for m in result["methods"] if m["method"] == "spkv")["threshold"] == spkv_calib["threshold"]
     # --resume: saved samples come back as they were, and the saved calibration is reused
     result["methods"][0]["samples"][0]["prediction"] = "reused"
     (out / "tasks.partial.json").write_text(json.dumps(result))

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Issue 4's longer budget: the reg35 option (scripts/train_options_smollm2.sh: the shipped recipe with
+# a density target of 0.35) and its dense control, each on TOKENS (default 327,680: twice the shipped
+# run's) with the same data order, then held-out NLL on the same 16 documents at tau 0.3 / 0.5 / 0.7.
+# bf16 autocast (the CPU must have native bf16; the shipped control is bf16 too). Resumable: run it
+# again and unfinished runs continue from their checkpoints. THREADS (default 1) sets torch threads.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${THREADS:-1}
+tokens=${TOKENS:-327680}
+name=reg35-x$((tokens / 163840))
+common=(--model smollm2-135m --train-llm lora --lora-rank 16 --seq-len 2048 --batch-size 1 --max-tokens $tokens
+        --lr 2e-4 --warmup-steps 5 --checkpoint-every 10 --seed 0 --hard-fraction 0.25 --anneal-steps 10)
+resume() { [ -f "$1/checkpoint.pt" ] && echo --resume || true; }
+out=runs/long/$name control=runs/long/control-x$((tokens / 163840))
+[ -f $out/adapter/adapter_config.json ] || .venv/bin/spkv train "${common[@]}" --predictor-lr-mult 25 \
+    --density-target 0.35 --density-weight 1.0 --out $out $(resume $out)
+[ -f $control/adapter/adapter_config.json ] || .venv/bin/spkv train "${common[@]}" --control --out $control $(resume $control)
+if [ ! -f results/train/long/$name/nll_sweep.json ]; then
+  .venv/bin/spkv eval nll --model smollm2-135m --adapter $out/adapter --control $control/adapter \
+      --thresholds 0.3 0.5 0.7 --seq-len 2048 --sequences 16 --out results/train/long/$name
+  cp $out/train_config.json $out/log.jsonl results/train/long/$name/
+  mkdir -p results/train/long/$(basename $control)
+  cp $control/train_config.json $control/log.jsonl results/train/long/$(basename $control)/
+fi
