@@ -23,6 +23,7 @@ BLOCKS = {
     "matched": ("results/eval/smollm2/matched.md", "results/eval/smollm2/matched.json"),
     "analysis": ("results/analysis/smollm2/analysis.md", "results/analysis/smollm2/analysis.json"),
     "tasks": ("results/tasks/gemma3/tasks.md", "results/tasks/gemma3/tasks.json"),
+    "tasks_spkv": ("results/tasks/gemma3-spkv/tasks.md", "results/tasks/gemma3-spkv/tasks.json"),
     "core": ("results/core/core_report.md", "results/core/core_report.json"),
     "decode": ("results/bench/decode.md", "results/bench/decode.json"),
     "prefill": ("results/bench/prefill.md", "results/bench/prefill.json"),

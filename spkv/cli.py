@@ -157,10 +157,10 @@ def _task_calibration(args: argparse.Namespace, model, tokenizer, methods, confi
     but dense without a --threshold), so all run at one density; saved, and reused by --resume."""
     from spkv import ruler
     from spkv.evaluate import heldout_set
-    from spkv.matched import MatchSettings, calibrate_methods
+    from spkv.matched import UNMATCHED, MatchSettings, calibrate_methods
     from spkv.results import write_json
 
-    names = [m.name for m in methods if m.name != "dense" and m.threshold is None]
+    names = [m.name for m in methods if m.name != "dense" and m.name not in UNMATCHED and m.threshold is None]
     key = {"target_density": args.match_density, "on": args.calibrate_on, "tokens": args.calibration_len,
            "prefill_chunk": args.prefill_chunk}
     if args.calibrate_on == "heldout":

@@ -645,11 +645,11 @@ def tasks_markdown(result: dict[str, Any]) -> str:
             scores = [by[(task, n)]["score"] for n in lengths if (task, n) in by]
             lines.append(f"| {run['label']} | {task} | " + " | ".join(_pct(by[(task, n)]["score"]) if (task, n) in by else ""
                                                                   for n in lengths) + f" | {_pct(_mean(scores))} |")
-        means[run["label"]] = {
-            n: (_mean([c["score"] for c in run["cells"] if c["length"] == n]),
-                _mean([c["density"] for c in run["cells"] if c["length"] == n and c["density"] is not None]))
-            for n in lengths
-        }
+        means[run["label"]] = {}
+        for n in [*lengths, "all"]:  # "all": every cell of the method, one summary figure
+            cells = [c for c in run["cells"] if n in ("all", c["length"])]
+            means[run["label"]][n] = (_mean([c["score"] for c in cells]),
+                                      _mean([c["density"] for c in cells if c["density"] is not None]))
     dense = next((r["label"] for r in result["methods"] if r["method"] == "dense"), None)
     lines += ["", "| method | length | mean score | retention vs dense | density |", "| --- | --- | --- | --- | --- |"]
     for label, per_len in means.items():

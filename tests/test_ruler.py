@@ -225,7 +225,24 @@ def test_cli_quick(tmp_path, monkeypatch):
     result = json.loads((out / "tasks.json").read_text())
     assert [m["label"] for m in result["methods"]] == ["dense", "spkv", "random (tau=0.5)"]
     assert result["lengths"] == [384] and "provenance" in result
-    assert "| random (tau=0.5) | cwe |" in (out / "tasks.md").read_text()
+    table = (out / "tasks.md").read_text()
+    assert "| random (tau=0.5) | cwe |" in table
+
+
+def test_tasks_markdown_summary_rows():
+    """Per length and over all cells: mean score, retention vs dense, mean density."""
+    def cell(task, length, score, density):
+        return {"task": task, "length": length, "score": score, "density": density}
+
+    result = {"lengths": [1024, 2048], "tasks": ["a", "b"], "samples_per_cell": 1, "seed": 0, "config": {},
+              "methods": [{"method": "dense", "label": "dense", "cells": [cell("a", 1024, 1.0, 1.0), cell("b", 1024, 0.5, 1.0),
+                                                                          cell("a", 2048, 0.5, 1.0), cell("b", 2048, 0.0, 1.0)]},
+                          {"method": "spkv", "label": "spkv", "cells": [cell("a", 1024, 0.5, 0.2), cell("b", 1024, 0.25, 0.4),
+                                                                        cell("a", 2048, 0.5, 0.1), cell("b", 2048, 0.25, 0.1)]}]}
+    table = ruler.tasks_markdown(result)
+    assert "| spkv | 1024 | 37.5 | 50.0% | 30.0% |" in table
+    assert "| spkv | 2048 | 37.5 | 150.0% | 10.0% |" in table
+    assert "| spkv | all | 37.5 | 75.0% | 20.0% |" in table and "| dense | all | 50.0 | 100.0% | 100.0% |" in table
 
 
 def test_cli_match_density_and_resume(tmp_path, monkeypatch):
@@ -236,7 +253,7 @@ def test_cli_match_density_and_resume(tmp_path, monkeypatch):
     model_dir = save_tiny_bpe_model(tmp_path / "model")
     out = tmp_path / "out"
     args = ["eval", "tasks", "--model", str(model_dir), "--quick", "--lengths", "384", "--tasks", "niah_single", "vt",
-            "--methods", "dense", "key_norm", "spkv", "--match-density", "0.3", "--calibration-len", "352", "--out", str(out)]
+            "--methods", "dense", "key_norm", "spkv", "streaming", "--match-density", "0.3", "--calibration-len", "352", "--out", str(out)]
     main(args)
     result = json.loads((out / "tasks.json").read_text())
     calibration = result["calibration"]
