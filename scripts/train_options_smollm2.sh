@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 4's options comparison at equal tokens (163,840 each, the shipped run's budget and data order):
-# each run changes one thing against the shipped SP-KV recipe (scripts/train_smollm2.sh), then is
+# Issue 4's options comparison at equal tokens (163,840 each, the budget and data order of the reg25
+# recipe, scripts/train_adapter_pair.sh): each run changes one thing against it, then is
 # evaluated on the same 16 held-out documents against a dense control trained with the same recipe
 # and precision. scripts/options_report.py then tabulates them at tau 0.5. Resumable: run it again
 # and unfinished runs continue from their checkpoints. THREADS (default 1) sets torch threads so
@@ -27,7 +27,7 @@ order=(${OPTIONS:-lm-only reg35 distill plr5-reg25 ramp35 both35 both38})
 for name in "${order[@]}"; do
   out=runs/options/$name
   control=${controls[$name]:-}
-  reference=$([ -n "$control" ] && echo $control/adapter || echo adapters/smollm2-135m-control)
+  reference=$([ -n "$control" ] && echo $control/adapter || echo adapters/smollm2-135m-control-164k)
   if [ ! -f $out/adapter/adapter_config.json ]; then
     .venv/bin/spkv train "${common[@]}" ${options[$name]} --out $out $(resume $out)
   fi

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -143,6 +144,12 @@ def save_regressors(regressors: dict[int, KVzapRegressor], path: str | Path, met
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
     tmp.replace(path)
+
+
+def regressors_metadata(path: str | Path) -> dict[str, str]:
+    """What save_regressors recorded with the weights (e.g. which model they were fitted on)."""
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
 
 
 def load_regressors(path: str | Path) -> dict[int, KVzapRegressor]:

@@ -11,7 +11,9 @@ token-by-token run on a sample, and that error is part of the result.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -235,7 +237,7 @@ def compare(model_name: str, adapter: str, control: str, tau: float, methods: li
     target = spkv["density"]
     for method in methods:
         if method == "kvzap":
-            run(method, lambda: _kvzap_row(model, data, target, settings, out, kvzap_train))
+            run(method, lambda: _kvzap_row(model, data, target, settings, out, kvzap_train, _file_digest(control)))
         else:
             run(method, lambda m=method: matched_row(model, data, m, target, settings))
     ordered = list(rows.values())
@@ -245,20 +247,32 @@ def compare(model_name: str, adapter: str, control: str, tau: float, methods: li
             "settings": asdict(settings), "rows": ordered}
 
 
+def _file_digest(adapter_dir: str | Path) -> str:
+    """sha256 of an adapter's weights: which control a KVzap fit belongs to, even if its folder is reused."""
+    digest = hashlib.sha256()
+    with open(Path(adapter_dir) / "adapter.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _kvzap_row(model: torch.nn.Module, data: HeldoutSet, target: float, settings: MatchSettings, out: Path,
-               train_sequences: torch.Tensor | None) -> dict[str, Any]:
-    """Fit (or reuse) the KVzap surrogate on training text, then calibrate and run it like any baseline."""
-    from .kvzap import KVzapConfig, fit_kvzap, installed, load_regressors, save_regressors
+               train_sequences: torch.Tensor | None, control_digest: str) -> dict[str, Any]:
+    """Fit (or reuse, if fitted on this same control) the KVzap surrogate on training text, then
+    calibrate and run it like any baseline."""
+    from .kvzap import KVzapConfig, fit_kvzap, installed, load_regressors, regressors_metadata, save_regressors
 
     path = out / "kvzap_regressors.safetensors"
-    if path.exists():
+    if path.exists() and regressors_metadata(path).get("control_sha256") == control_digest:
         regressors = load_regressors(path)
     else:
+        if path.exists():
+            print(f"note: {path} was fitted on another control; fitting it again", file=sys.stderr)
         if train_sequences is None:
             raise ValueError("The kvzap baseline needs training sequences to fit its regressors.")
         config = KVzapConfig(sequences=len(train_sequences), seq_len=int(train_sequences.shape[1]))
         regressors = fit_kvzap(model, train_sequences, model.spkv_config.window, config)
-        save_regressors(regressors, path, asdict(config))
+        save_regressors(regressors, path, {**asdict(config), "control_sha256": control_digest})
     with installed(model, regressors):
         return matched_row(model, data, "kvzap", target, settings)
 

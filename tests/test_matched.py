@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -13,7 +14,7 @@ from spkv.analysis import analyze, fit_line
 from spkv.cache import SPKVCache, cache_stats
 from spkv.cli import main
 from spkv.evaluate import HeldoutSet, nll_full_sequence, nll_with_policy
-from spkv.kvzap import fit_kvzap, importance_target, installed, load_regressors, save_regressors
+from spkv.kvzap import fit_kvzap, importance_target, installed, load_regressors, regressors_metadata, save_regressors
 from spkv.matched import MatchSettings, calibrate, decides_late
 from spkv.models import load_model
 from spkv.policies import H2O, ExpectedAttention, KeyNorm, KVzap
@@ -69,6 +70,21 @@ def test_kvzap_fit_install_and_roundtrip(control, tmp_path):
     assert torch.equal(loaded[1](x), regressors[1](x))
     with pytest.raises(RuntimeError, match="kvzap"):
         KVzap(threshold=0.0).score_new(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8), None)
+
+
+def test_kvzap_fit_is_reused_only_for_the_same_control(control, tmp_path, monkeypatch):
+    """A saved surrogate fitted on another control (same folder, new weights) is fitted again."""
+    import spkv.kvzap
+    from spkv.matched import _kvzap_row
+
+    fits = []
+    real_fit = spkv.kvzap.fit_kvzap
+    monkeypatch.setattr(spkv.kvzap, "fit_kvzap", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
+    data, train = _data(1, 256), _data(2, 128).input_ids
+    settings = MatchSettings(tolerance=0.05, chunk=64, exact_chunk=64, max_iterations=4)
+    for digest, fitted in (("aa", 1), ("aa", 1), ("bb", 2)):
+        _kvzap_row(control, data, 0.3, settings, tmp_path, train, digest)
+        assert len(fits) == fitted and regressors_metadata(tmp_path / "kvzap_regressors.safetensors")["control_sha256"] == digest
 
 
 def test_expected_attention_matches_gaussian_expectation():
@@ -145,6 +161,8 @@ def test_eval_matched_and_analyze_cli(tmp_path, monkeypatch):
     assert rows["dense control"]["dnll_pct"] == 0.0
     assert (out / "matched.md").exists() and (out / "quality_vs_density.png").exists()
     assert not (out / "matched.partial.json").exists()
+    digest = hashlib.sha256((tmp_path / "control" / "adapter.safetensors").read_bytes()).hexdigest()
+    assert regressors_metadata(out / "kvzap_regressors.safetensors")["control_sha256"] == digest
     main(["analyze", "--model", str(path), "--adapter", str(tmp_path / "spkv"), "--documents", "3", "--min-len", "100",
           "--out", str(tmp_path / "analysis")])
     analysis = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
