@@ -199,8 +199,13 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
         found = calibration["methods"]
         methods = [dataclasses.replace(m, threshold=found[m.name]["threshold"]) if m.name in found else m for m in methods]
     partial, final = out / "tasks.partial.json", out / "tasks.json"
-    earlier = next((f for f in (partial, final) if f.exists()), None) if args.resume else None
-    resume = json.loads(earlier.read_text()) if earlier else None
+    # an interrupted run's rows first, then any method only the last finished run has
+    earlier = [json.loads(f.read_text()) for f in (partial, final) if args.resume and f.exists()]
+    resume = None
+    if earlier:
+        labels = {m["label"] for m in earlier[0]["methods"]}
+        resume = {**earlier[0], "methods": earlier[0]["methods"] + [m for e in earlier[1:] for m in e["methods"]
+                                                                    if m["label"] not in labels]}
     head = {"model": args.model, "adapter": args.adapter, "calibration": calibration}
     result = ruler.run_methods(
         model, tokenizer, methods, lengths=args.lengths or ([512] if args.quick else ruler.DEFAULT_LENGTHS),

@@ -276,6 +276,14 @@ def test_cli_match_density_and_resume(tmp_path, monkeypatch):
     again = json.loads((out / "tasks.json").read_text())
     assert again["methods"][0]["samples"][0]["prediction"] == "reused" and not (out / "tasks.partial.json").exists()
     assert again["calibration"]["methods"]["key_norm"]["threshold"] == 123.0
+    # an interrupted rerun that got no further than dense: key_norm still comes from the finished run
+    again["methods"][1]["samples"][0]["prediction"] = "from the finished run"
+    (out / "tasks.json").write_text(json.dumps(again))
+    (out / "tasks.partial.json").write_text(json.dumps({**again, "methods": again["methods"][:1]}))
+    main(args + ["--resume"])
+    merged = json.loads((out / "tasks.json").read_text())
+    assert merged["methods"][1]["method"] == "key_norm"
+    assert merged["methods"][1]["samples"][0]["prediction"] == "from the finished run"
 
     rng = random.Random(0)
     heldout = tmp_path / "heldout.jsonl"
