@@ -1,4 +1,4 @@
-"""Issue 4's options comparison at equal tokens, from the result files (never typed by hand).
+"""Issue 4's training options (at equal tokens, plus longer runs), from the result files (never typed by hand).
 
 Reads every results/train/options/NAME/nll_sweep.json written by scripts/train_options_smollm2.sh
 (reg25: the 164k-token recipe they compare against) and every results/train/long/NAME/nll_sweep.json
