@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from spkv.evaluate import paired_dnll_stderr  # noqa: E402
+from spkv.eval.nll import paired_dnll_stderr  # noqa: E402
 from spkv.results import atomic_write_text, write_json  # noqa: E402
 
 RECIPE_KEYS = ("train_llm", "predictor_lr_mult", "density_target", "density_weight", "density_ramp_steps", "density_two_sided", "distill_weight", "bf16", "lr", "max_tokens")

@@ -25,8 +25,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from spkv import bench
-from spkv.cache import CACHE_ARG
+from spkv.bench import common, decode, machine
+from spkv.compat import CACHE_ARG
 from spkv.results import atomic_write_text, write_json
 
 # Functions whose cumulative time cProfile reports (file suffix, function name).
@@ -47,14 +47,14 @@ def step_times(model: torch.nn.Module, cache: Any, token: torch.Tensor, steps: i
     return times, token
 
 
-def profile_case(pool: bench.ModelPool, context: int, batch: int, density: int, steps: int) -> dict[str, Any]:
-    s = bench.DecodeSettings()
+def profile_case(pool: common.ModelPool, context: int, batch: int, density: int, steps: int) -> dict[str, Any]:
+    s = decode.DecodeSettings()
     result: dict[str, Any] = {"context": context, "batch": batch, "density": density}
     for name in ("static", f"density-{density}"):
-        spec = bench.parse_cache(name)
+        spec = decode.parse_cache(name)
         model = pool.get(spec.variant)
-        cache = bench.make_cache(spec, model, context + 8 * steps)
-        token = bench.synthetic_fill(model, cache, batch, context, s.prefill_chunk)
+        cache = decode.make_cache(spec, model, context + 8 * steps)
+        token = common.synthetic_fill(model, cache, batch, context, s.prefill_chunk)
         step_times(model, cache, token, 2)  # warmup
         times, token = step_times(model, cache, token, steps)
         result[f"{name}_step_ms"] = 1e3 * statistics.median(times)
@@ -81,8 +81,8 @@ def profile_case(pool: bench.ModelPool, context: int, batch: int, density: int, 
         result["aten_ops_per_step"] = sum(e.count for e in events if e.key.startswith("aten::")) / 2
         result["top_ops"] = [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 2e3,
                               "share": e.self_cpu_time_total / total, "calls_per_step": e.count / 2} for e in top]
-        kv = bench.kv_bytes(cache)
-        result["kv_read_mib"] = kv["read"] / bench.MIB
+        kv = common.kv_bytes(cache)
+        result["kv_read_mib"] = kv["read"] / machine.MIB
         del cache
         gc.collect()
     result["speedup_vs_static"] = result["static_step_ms"] / result[f"density-{density}_step_ms"]
@@ -122,7 +122,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    pool = bench.ModelPool(args.model, torch.float32, window=128, adapter=None)
+    pool = common.ModelPool(args.model, torch.float32, window=128, adapter=None)
     cases = []
     for context in args.contexts:
         cases.append(profile_case(pool, context, args.batch, args.density, args.steps))

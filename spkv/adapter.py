@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import SPKVConfig
-from .convert import convert, is_converted, update_config
+from spkv.config import SPKVConfig
+from spkv.convert import convert, is_converted, update_config
 
 FORMAT = "spkv-adapter"
 VERSION = 1

@@ -19,7 +19,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .config import SPKVConfig
+from spkv.config import SPKVConfig
 
 ATTN_IMPLEMENTATION = "spkv"
 

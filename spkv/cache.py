@@ -14,13 +14,8 @@ Attention of new queries runs over (global store + window) under the same rule a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 import torch.nn.functional as F
-import transformers
-from packaging.version import Version
 from transformers.cache_utils import (
     DYNAMIC_LAYER_TYPE_MAPPING,
     Cache,
@@ -29,31 +24,12 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
-from .attention import window_bias
-from .config import SPKVConfig
-from .policies import ScoringPolicy, SPKVPolicy
-from .store import PagedStore, page_size
-from .window import Window
-
-
-# transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (the old
-# argument name is accepted, with a warning, until 5.40). spkv reads whichever name a call used.
-CACHE_ARG = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
-
-
-def cache_argument(kwargs: dict[str, Any]) -> tuple[str, Any]:
-    """(name, cache) of a forward call's cache argument; a missing one is named as this version wants."""
-    names = [n for n in ("cache", "past_key_values") if n in kwargs]
-    name = next((n for n in names if kwargs[n] is not None), names[0] if names else CACHE_ARG)
-    return name, kwargs.get(name)
-
-
-def output_cache(output: Any) -> Cache | None:
-    """The cache a forward or generate() returned (`.cache` from transformers 5.24, `.past_key_values` before)."""
-    for name in ("cache", "past_key_values"):
-        if getattr(output, name, None) is not None:
-            return getattr(output, name)
-    return None
+from spkv.attention import window_bias
+from spkv.compat import cache_argument
+from spkv.config import SPKVConfig
+from spkv.policies import ScoringPolicy, SPKVPolicy
+from spkv.store import PagedStore, page_size
+from spkv.window import Window
 
 
 class SPKVLayer(CacheLayerMixin):
@@ -324,59 +300,3 @@ def default_cache_hook(model: torch.nn.Module, args: tuple, kwargs: dict) -> tup
             tokens = kwargs["inputs_embeds"]
         cache.begin_forward(tokens.shape[1], tokens.shape[0], kwargs.get("attention_mask"))
     return args, kwargs
-
-
-@dataclass
-class CacheStats:
-    """Density per protocols.md: kept / decided out-of-window pairs (window and sinks not counted)."""
-
-    kept: torch.Tensor  # [layers, B, Hkv] (gated layers, in order)
-    decided: torch.Tensor  # [layers, B, Hkv]
-    layers: list[int]
-    bytes_held: int  # gated layers' K/V tensors, capacity included
-    bytes_used: int  # gated layers' K/V pairs actually stored
-    bytes_full: int  # what a full cache would hold for the same tokens in the same layers
-
-    @property
-    def density_per_head(self) -> torch.Tensor:
-        """[layers, Hkv], pooled over the batch; NaN where no pair has left the window yet."""
-        decided = self.decided.sum(1).double()
-        return torch.where(decided > 0, self.kept.sum(1) / decided, torch.nan)
-
-    @property
-    def density(self) -> float:
-        """Mean over layers and heads (the paper's number)."""
-        return float(self.density_per_head.nanmean())
-
-    @property
-    def density_token_weighted(self) -> float:
-        decided = int(self.decided.sum())
-        return float(self.kept.sum()) / decided if decided else float("nan")
-
-    @property
-    def compression(self) -> float:
-        """Full-cache bytes / bytes held, window included."""
-        return self.bytes_full / max(1, self.bytes_held)
-
-    def to_dict(self) -> dict:
-        return {
-            "layers": self.layers, "density": self.density, "density_token_weighted": self.density_token_weighted,
-            "density_per_layer_head": self.density_per_head.tolist(), "kept": int(self.kept.sum()),
-            "decided": int(self.decided.sum()), "bytes_held": self.bytes_held, "bytes_used": self.bytes_used,
-            "bytes_full": self.bytes_full, "compression": self.compression,
-        }
-
-
-def cache_stats(cache: SPKVCache) -> CacheStats:
-    layers = [l for l in cache.spkv_layers() if l.is_initialized]
-    if not layers:
-        raise ValueError("This SP-KV cache is empty: run a forward pass with it first.")
-    held = used = full = 0
-    for layer in layers:
-        h, u = layer.nbytes()
-        held, used = held + h, used + u
-        full += layer.seen * layer.batch_size * layer.num_kv_heads * layer.bytes_per_pair
-    return CacheStats(
-        kept=torch.stack([l.kept for l in layers]), decided=torch.stack([l.decided for l in layers]),
-        layers=[l.layer_idx for l in layers], bytes_held=held, bytes_used=used, bytes_full=full,
-    )

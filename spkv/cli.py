@@ -109,7 +109,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_nll(args: argparse.Namespace) -> None:
-    from spkv.evaluate import heldout_set, sweep_markdown, threshold_sweep
+    from spkv.data.heldout import heldout_set
+    from spkv.eval.nll import sweep_markdown, threshold_sweep
     from spkv.models import load_model
     from spkv.results import atomic_write_text, write_json
 
@@ -124,11 +125,11 @@ def cmd_eval_nll(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_matched(args: argparse.Namespace) -> None:
-    from spkv.evaluate import heldout_set
-    from spkv.matched import MatchSettings, compare, matched_markdown, plot_matched
+    from spkv.data.corpus import default_corpus
+    from spkv.data.heldout import heldout_set
+    from spkv.eval.matched import MatchSettings, compare, matched_markdown, plot_matched
     from spkv.models import load_model
-    from spkv.results import atomic_write_text, write_json
-    from spkv.train import default_corpus
+    from spkv.results import PartialRun, atomic_write_text, merge_by
 
     _, tokenizer = load_model(args.model)
     data = heldout_set(tokenizer, seq_len=args.seq_len, max_sequences=args.sequences, corpus=args.heldout)
@@ -137,48 +138,16 @@ def cmd_eval_matched(args: argparse.Namespace) -> None:
         kvzap_train = heldout_set(tokenizer, seq_len=args.kvzap_seq_len, max_sequences=args.kvzap_sequences,
                                   corpus=default_corpus() / "train.jsonl").input_ids
     out = Path(args.out)
-    partial = out / "matched.partial.json"
-    done = {}
-    if args.resume and partial.exists():
-        done = {r["method"]: r for r in json.loads(partial.read_text())["rows"]}
+    run = PartialRun(out, "matched")
+    done = merge_by(run.earlier()[:1], "rows", "method") if args.resume and run.partial.exists() else {}
     settings = MatchSettings(chunk=args.chunk, calibration_sequences=args.calibration_sequences,
                              exactness_sequences=args.exactness_sequences, exactness_tokens=args.exactness_tokens)
     result = compare(args.model, args.adapter, args.control, args.tau, args.methods, data, settings, out,
-                     kvzap_train=kvzap_train, done=done, save=lambda rows: write_json(partial, rows))
-    write_json(out / "matched.json", result)
+                     kvzap_train=kvzap_train, done=done, save=run.save)
     atomic_write_text(out / "matched.md", matched_markdown(result))
     plot_matched(result, out)
-    partial.unlink(missing_ok=True)
+    run.finish(result)
     print(matched_markdown(result))
-
-
-def _task_calibration(args: argparse.Namespace, model, tokenizer, methods, config, path: Path) -> dict:
-    """Thresholds matching --match-density for the task suite's policies and SP-KV's tau (every method
-    but dense without a --threshold), so all run at one density; saved, and reused by --resume."""
-    from spkv import ruler
-    from spkv.evaluate import heldout_set
-    from spkv.matched import UNMATCHED, MatchSettings, calibrate_methods
-    from spkv.results import write_json
-
-    names = [m.name for m in methods if m.name != "dense" and m.name not in UNMATCHED and m.threshold is None]
-    key = {"target_density": args.match_density, "on": args.calibrate_on, "tokens": args.calibration_len,
-           "prefill_chunk": args.prefill_chunk}
-    if args.calibrate_on == "heldout":
-        key["sequences"] = args.calibration_sequences
-    else:
-        key.update(tasks=args.tasks or list(ruler.TASKS), seed=args.seed, config=dataclasses.asdict(config),
-                   max_new_tokens=_max_new_tokens(args))
-    saved = json.loads(path.read_text()) if args.resume and path.exists() else {}
-    if saved and all(saved.get(k) == v for k, v in key.items()) and set(names) <= set(saved["methods"]):
-        return saved
-    if args.calibrate_on == "heldout":
-        data = heldout_set(tokenizer, seq_len=args.calibration_len, max_sequences=args.calibration_sequences, corpus=args.heldout)
-    else:
-        data = ruler.calibration_set(tokenizer, args.calibration_len, key["tasks"], args.seed, config, key["max_new_tokens"])
-    found = calibrate_methods(model, data, names, args.match_density, MatchSettings(chunk=args.prefill_chunk, score=False))
-    calibration = {**key, "documents": data.doc_ids, "methods": {k: v.summary() for k, v in found.items()}}
-    write_json(path, calibration)
-    return calibration
 
 
 def _max_new_tokens(args: argparse.Namespace) -> int | None:
@@ -186,43 +155,39 @@ def _max_new_tokens(args: argparse.Namespace) -> int | None:
 
 
 def cmd_eval_tasks(args: argparse.Namespace) -> None:
-    from spkv import ruler
-    from spkv.results import atomic_write_text, write_json
+    from spkv.eval.tasks import runner
+    from spkv.eval.tasks.report import tasks_markdown
+    from spkv.results import PartialRun, atomic_write_text
 
-    methods = ruler.parse_methods(args.methods, args.method_thresholds, calibrated=args.match_density is not None)
+    methods = runner.parse_methods(args.methods, args.method_thresholds, calibrated=args.match_density is not None)
     model, tokenizer = _load(argparse.Namespace(model=args.model, adapter=args.adapter, threshold=None))
     out = Path(args.out)
-    config = ruler.TaskConfig(haystack=args.haystack, corpus=args.heldout, answer_prefix=args.answer_prefix)
+    config = runner.TaskConfig(haystack=args.haystack, corpus=args.heldout, answer_prefix=args.answer_prefix)
+    tasks, max_new = args.tasks or list(runner.TASKS), _max_new_tokens(args)
     calibration = None
-    if args.match_density is not None:  # every policy's threshold set to this density
-        calibration = _task_calibration(args, model, tokenizer, methods, config, out / "calibration.json")
-        found = calibration["methods"]
-        methods = [dataclasses.replace(m, threshold=found[m.name]["threshold"]) if m.name in found else m for m in methods]
-    partial, final = out / "tasks.partial.json", out / "tasks.json"
-    # an interrupted run's rows first, then any method only the last finished run has
-    earlier = [json.loads(f.read_text()) for f in (partial, final) if args.resume and f.exists()]
-    resume = None
-    if earlier:
-        labels = {m["label"] for m in earlier[0]["methods"]}
-        resume = {**earlier[0], "methods": earlier[0]["methods"] + [m for e in earlier[1:] for m in e["methods"]
-                                                                    if m["label"] not in labels]}
+    if args.match_density is not None:  # every method without a threshold calibrated to this density
+        calibration = runner.calibrate_suite(
+            model, tokenizer, methods, args.match_density, out / "calibration.json", on=args.calibrate_on,
+            tokens=args.calibration_len, prefill_chunk=args.prefill_chunk, tasks=tasks, seed=args.seed, config=config,
+            max_new_tokens=max_new, heldout=args.heldout, sequences=args.calibration_sequences, resume=args.resume)
+        methods = runner.with_calibration(methods, calibration)
+    run = PartialRun(out, "tasks")
     head = {"model": args.model, "adapter": args.adapter, "calibration": calibration}
-    result = ruler.run_methods(
-        model, tokenizer, methods, lengths=args.lengths or ([512] if args.quick else ruler.DEFAULT_LENGTHS),
-        tasks=args.tasks or ruler.TASKS, samples_per_cell=args.samples or (1 if args.quick else 4), seed=args.seed,
-        max_new_tokens=_max_new_tokens(args), prefill_chunk=args.prefill_chunk,
-        config=config, resume=resume,
-        save=lambda partial_result: write_json(partial, {**head, **partial_result}),
+    result = runner.run_methods(
+        model, tokenizer, methods, lengths=args.lengths or ([512] if args.quick else runner.DEFAULT_LENGTHS),
+        tasks=tasks, samples_per_cell=args.samples or (1 if args.quick else 4), seed=args.seed,
+        max_new_tokens=max_new, prefill_chunk=args.prefill_chunk, config=config,
+        resume=runner.resume_from(run.earlier()) if args.resume else None,
+        save=lambda partial_result: run.save({**head, **partial_result}),
     )
-    write_json(final, {**head, **result})
-    table = ruler.tasks_markdown({**head, **result})
+    table = tasks_markdown({**head, **result})
     atomic_write_text(out / "tasks.md", table)
-    partial.unlink(missing_ok=True)
+    run.finish({**head, **result})
     print(table)
 
 
 def cmd_eval_lm_eval(args: argparse.Namespace) -> None:
-    from spkv.lm_eval_harness import HarnessConfig, results_markdown, run_tasks
+    from spkv.eval.lm_eval_harness import HarnessConfig, results_markdown, run_tasks
     from spkv.results import atomic_write_text, write_json
 
     model, tokenizer = _load(args)
@@ -237,19 +202,22 @@ def cmd_eval_lm_eval(args: argparse.Namespace) -> None:
 
 def cmd_analyze(args: argparse.Namespace) -> None:
     from spkv.adapter import load_adapter
-    from spkv.analysis import analysis_markdown, analyze, documents_by_length, plot_analysis
     from spkv.convert import set_threshold
+    from spkv.eval.analysis import (
+        analysis_markdown,
+        analyze,
+        documents_by_length,
+        plot_analysis,
+    )
     from spkv.models import load_model
     from spkv.results import atomic_write_text, write_json
-    from spkv.train import default_corpus
 
     model, tokenizer = load_model(args.model)
     load_adapter(model, args.adapter)
     if args.threshold is not None:
         set_threshold(model, args.threshold)
     max_len = args.max_len or model.config.get_text_config(decoder=True).max_position_embeddings
-    corpus = Path(args.heldout) if args.heldout else default_corpus() / "heldout.jsonl"
-    docs = documents_by_length(tokenizer, corpus, args.documents, args.min_len, max_len)
+    docs = documents_by_length(tokenizer, args.heldout, args.documents, args.min_len, max_len)
     result = {"model": args.model, "adapter": args.adapter, **analyze(model, docs)}
     out = Path(args.out)
     write_json(out / "analysis.json", result)
@@ -259,35 +227,36 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    from spkv.data import build_corpus
-    from spkv.train import corpus_dir
+    from spkv.data.corpus import build_corpus, corpus_dir
 
     out = build_corpus(args.out or corpus_dir(), heldout_fraction=args.heldout_fraction, seed=args.seed, skip_missing=args.skip_missing)
     print(json.dumps(json.loads((out / "manifest.json").read_text()), indent=2))
 
 
 def cmd_bench_decode(args: argparse.Namespace) -> None:
-    from spkv import bench
+    from spkv.bench import decode
+    from spkv.bench.common import iter_summary, settings_from
 
-    settings = bench.settings_from(bench.DecodeSettings, vars(args), bench.QUICK_DECODE if args.quick else None)
-    result = bench.run_decode(settings)
-    paths = bench.write_decode(result, settings.out)
-    print("\n".join(bench.iter_summary(result)))
+    settings = settings_from(decode.DecodeSettings, vars(args), decode.QUICK_DECODE if args.quick else None)
+    result = decode.run_decode(settings)
+    paths = decode.write_decode(result, settings.out)
+    print("\n".join(iter_summary(result)))
     print(f"bandwidth {result['bandwidth']['bytes_per_s'] / 2**30:.2f} GiB/s; wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 def cmd_bench_prefill(args: argparse.Namespace) -> None:
-    from spkv import bench
+    from spkv.bench import prefill
+    from spkv.bench.common import iter_summary, settings_from
 
-    settings = bench.settings_from(bench.PrefillSettings, vars(args), bench.QUICK_PREFILL if args.quick else None)
-    result = bench.run_prefill(settings)
-    paths = bench.write_prefill(result, settings.out)
-    print("\n".join(bench.iter_summary(result)))
+    settings = settings_from(prefill.PrefillSettings, vars(args), prefill.QUICK_PREFILL if args.quick else None)
+    result = prefill.run_prefill(settings)
+    paths = prefill.write_prefill(result, settings.out)
+    print("\n".join(iter_summary(result)))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 def cmd_bench_train(args: argparse.Namespace) -> None:
-    from spkv.bench_train import run_train_bench, write_train_bench
+    from spkv.bench.train_step import run_train_bench, write_train_bench
 
     result = run_train_bench(args.model, args.seq_len, args.steps, args.warmup, args.train_llm, args.bf16)
     print(write_train_bench(result, args.out).read_text())

@@ -14,10 +14,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from . import attention
-from .cache import SPKVCache, cache_argument, default_cache_hook
-from .config import SPKVConfig
-from .predictor import UtilityPredictor
+from spkv import attention
+from spkv.cache import SPKVCache, default_cache_hook
+from spkv.compat import cache_argument
+from spkv.config import SPKVConfig
+from spkv.predictor import UtilityPredictor
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 

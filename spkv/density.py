@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import keep_decision, sink_mask
+from spkv.attention import keep_decision, sink_mask
 
 
 def out_of_window_mask(length: int, window: int, attention_mask: torch.Tensor | None, sinks: int = 0) -> torch.Tensor:

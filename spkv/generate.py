@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .cache import CACHE_ARG, SPKVCache, cache_stats
+from spkv.cache import SPKVCache
+from spkv.compat import CACHE_ARG
+from spkv.stats import cache_stats
 
 
 class _StepClock(LogitsProcessor):

@@ -19,7 +19,12 @@ from unittest import mock
 
 import huggingface_hub.constants
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 
 class ModelPackageMissing(ImportError):

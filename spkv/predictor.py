@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import SPKVConfig
+from spkv.config import SPKVConfig
 
 
 class UtilityPredictor(nn.Module):

@@ -96,3 +96,35 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+class PartialRun:
+    """A long run's result file and its partial twin, the one home of "resume an interrupted run".
+
+    `save` writes OUT/NAME.partial.json after every unit of work (a row, a sample), `earlier` reads
+    what an interrupted (partial) and a finished run left, newest first, and `finish` writes
+    OUT/NAME.json and removes the partial file. Both writes are atomic."""
+
+    def __init__(self, out: str | os.PathLike, name: str) -> None:
+        self.partial = Path(out) / f"{name}.partial.json"
+        self.final = Path(out) / f"{name}.json"
+
+    def earlier(self) -> list[dict[str, Any]]:
+        return [json.loads(f.read_text()) for f in (self.partial, self.final) if f.exists()]
+
+    def save(self, data: dict[str, Any]) -> Path:
+        return write_json(self.partial, data)
+
+    def finish(self, data: dict[str, Any]) -> Path:
+        path = write_json(self.final, data)
+        self.partial.unlink(missing_ok=True)
+        return path
+
+
+def merge_by(runs: list[dict[str, Any]], field: str, key: str) -> dict[str, dict[str, Any]]:
+    """Entries of runs[i][field] by entry[key]; an earlier run's entry wins (the newest work first)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        for entry in run.get(field, []):
+            merged.setdefault(entry[key], entry)
+    return merged

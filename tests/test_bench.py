@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import spkv
-from spkv import bench
+from spkv.bench import common, decode, prefill
 from spkv.cache import SPKVLayer
 from spkv.cli import main
 from spkv.convert import predictors
@@ -17,7 +17,7 @@ from spkv.convert import predictors
 @pytest.fixture(scope="module")
 def tiny_adapter(tmp_path_factory):
     """An adapter for `--model tiny` whose predictors drop a real share of pairs."""
-    model = bench.build_tiny_model()
+    model = common.build_tiny_model()
     spkv.convert(model, spkv.SPKVConfig(window=16, threshold=0.5))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -42,10 +42,10 @@ def test_decode_quick_rows_and_files(decode_result):
     result, out = decode_result
     for name in ("decode.json", "decode.md", "decode.png", "decode_memory.png"):
         assert (out / name).stat().st_size > 0
-    quick = bench.QUICK_DECODE
+    quick = decode.QUICK_DECODE
     rows = result["rows"]
-    assert len(rows) == len(quick["contexts"]) * len(quick["batch_sizes"]) * len(bench.DEFAULT_CACHES)
-    assert {r["cache"] for r in rows} == set(bench.DEFAULT_CACHES)
+    assert len(rows) == len(quick["contexts"]) * len(quick["batch_sizes"]) * len(decode.DEFAULT_CACHES)
+    assert {r["cache"] for r in rows} == set(decode.DEFAULT_CACHES)
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
     assert result["bandwidth"]["bytes_per_s"] > 0
     assert {"command", "commit", "machine", "date"} <= set(result["provenance"])
@@ -70,8 +70,8 @@ def test_decode_quick_forced_density_and_memory(decode_result):
             assert abs(r["density"] - percent / 100) < 0.1, (r["context"], r["batch"], r["density"])
     assert all(r["density"] == 0.0 for r in _ok_rows(result, "window-only"))
     assert all(0.0 < r["density"] < 1.0 for r in _ok_rows(result, "spkv-adapter"))
-    longest = max(bench.QUICK_DECODE["contexts"])
-    for batch in bench.QUICK_DECODE["batch_sizes"]:
+    longest = max(decode.QUICK_DECODE["contexts"])
+    for batch in decode.QUICK_DECODE["batch_sizes"]:
         held = {r["cache"]: r["kv_bytes_held"] for r in _ok_rows(result) if r["context"] == longest and r["batch"] == batch}
         assert held["density-25"] < held["static"]
         assert held["window-only"] < held["density-25"]
@@ -80,18 +80,18 @@ def test_decode_quick_forced_density_and_memory(decode_result):
 
 def test_decode_skips_over_memory_budget_and_rejects_unknown_cache():
     given = {"caches": ["static"], "max_kv_gib": 1e-9, "bandwidth_mib": 8, "contexts": [64], "batch_sizes": [1]}
-    result = bench.run_decode(bench.settings_from(bench.DecodeSettings, given, bench.QUICK_DECODE), progress=False)
+    result = decode.run_decode(common.settings_from(decode.DecodeSettings, given, decode.QUICK_DECODE), progress=False)
     (row,) = result["rows"]
     assert row["status"].startswith("skipped: memory") and row["step_ms"] is None
     given = {"caches": ["spkv-adapter"], "adapter": "unused", "max_model_fill_tokens": 100, "bandwidth_mib": 8,
              "contexts": [64], "batch_sizes": [2]}
-    result = bench.run_decode(bench.settings_from(bench.DecodeSettings, given, bench.QUICK_DECODE), progress=False)
+    result = decode.run_decode(common.settings_from(decode.DecodeSettings, given, decode.QUICK_DECODE), progress=False)
     (row,) = result["rows"]
     assert row["status"].startswith("skipped: model fill too long") and row["fill"] == "model"
     with pytest.raises(ValueError, match="unknown cache"):
-        bench.parse_cache("paged")
+        decode.parse_cache("paged")
     with pytest.raises(ValueError, match="density-P"):
-        bench.parse_cache("density-0")
+        decode.parse_cache("density-0")
 
 
 def test_prefill_quick(tmp_path):
@@ -99,17 +99,17 @@ def test_prefill_quick(tmp_path):
     result = json.loads((tmp_path / "prefill.json").read_text())
     assert (tmp_path / "prefill.md").stat().st_size > 0
     rows = result["rows"]
-    assert len(rows) == len(bench.QUICK_PREFILL["contexts"]) * len(bench.PREFILL_CONFIGS)
+    assert len(rows) == len(prefill.QUICK_PREFILL["contexts"]) * len(prefill.PREFILL_CONFIGS)
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
     for r in rows:
         assert r["seconds"] > 0 and r["tokens_per_s"] > 0 and r["time_vs_dynamic"] > 0
-        assert len(r["seconds_repeats"]) == bench.QUICK_PREFILL["repeats"]
+        assert len(r["seconds_repeats"]) == prefill.QUICK_PREFILL["repeats"]
     for r in rows:
         if r["config"] == "spkv-keep-all":
             assert r["density"] == 1.0
         if r["config"] != "predictors-only":
             assert r["kv_bytes_held"] > 0
-    assert len(result["overhead"]) == len(bench.QUICK_PREFILL["contexts"])
+    assert len(result["overhead"]) == len(prefill.QUICK_PREFILL["contexts"])
     assert all(o["keep_all_overhead"] is not None and o["predictors_fraction"] > 0 for o in result["overhead"])
 
 
@@ -118,21 +118,21 @@ def test_synthetic_fill_matches_model_fill(name):
     """Same bytes (and, for a forced density, the same kept set: RandomPolicy draws in the same
     order) as a model fill, and decoding continues at the right position."""
     context, batch, chunk, steps = 100, 2, 32, 3
-    pool = bench.ModelPool(bench.TINY, torch.float32, window=16, adapter=None)
-    spec = bench.parse_cache(name)
+    pool = common.ModelPool(common.TINY, torch.float32, window=16, adapter=None)
+    spec = decode.parse_cache(name)
     model = pool.get(spec.variant)
     ids, _ = pool.prompt(context, batch)
     caches = {}
     for fill in ("model", "synthetic"):
-        cache = bench.make_cache(spec, model, context + steps)
-        token = bench.fill_cache(model, cache, fill, ids if fill == "model" else None, batch, context, chunk)
+        cache = decode.make_cache(spec, model, context + steps)
+        token = decode.fill_cache(model, cache, fill, ids if fill == "model" else None, batch, context, chunk)
         assert token.shape == (batch, 1)
         assert int(cache.get_seq_length()) == context
-        (times,) = bench.time_decode(model, cache, token, warmup=0, steps=steps, repeats=1)
+        (times,) = decode.time_decode(model, cache, token, warmup=0, steps=steps, repeats=1)
         assert len(times) == steps
         assert int(cache.get_seq_length()) == context + steps
         caches[fill] = cache
-    model_kv, synthetic_kv = bench.kv_bytes(caches["model"]), bench.kv_bytes(caches["synthetic"])
+    model_kv, synthetic_kv = common.kv_bytes(caches["model"]), common.kv_bytes(caches["synthetic"])
     assert synthetic_kv == model_kv
     for a, b in zip(caches["model"].layers, caches["synthetic"].layers):
         if isinstance(a, SPKVLayer):

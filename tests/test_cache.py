@@ -8,8 +8,18 @@ import pytest
 import torch
 
 import spkv
-from spkv.cache import CACHE_ARG, SPKVLayer, cache_argument, output_cache
-from spkv.policies import H2O, POLICIES, TOVA, KeepAll, KeyNorm, RandomPolicy, SPKVPolicy, StreamingLLM
+from spkv.cache import SPKVLayer
+from spkv.compat import CACHE_ARG, cache_argument, output_cache
+from spkv.policies import (
+    H2O,
+    POLICIES,
+    TOVA,
+    KeepAll,
+    KeyNorm,
+    RandomPolicy,
+    SPKVPolicy,
+    StreamingLLM,
+)
 
 from .test_core import assert_close_on_real_tokens, logits, randomize_gates
 from .tiny_models import FAMILIES, batch, tiny_model

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import spkv
-from spkv.evaluate import HeldoutSet, nll_full_sequence, nll_with_policy
+from spkv.data.heldout import HeldoutSet
+from spkv.eval.nll import nll_full_sequence, nll_with_policy
 from spkv.policies import KeepAll, SPKVPolicy
 
 from .test_core import randomize_gates

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import spkv
-from spkv.lm_eval_harness import HarnessConfig, results_markdown, run_tasks
+from spkv.eval.lm_eval_harness import HarnessConfig, results_markdown, run_tasks
 from spkv.models import load_model
 
 from .test_core import randomize_gates

@@ -10,14 +10,23 @@ import pytest
 import torch
 
 from spkv import SPKVConfig, convert, save_adapter
-from spkv.analysis import analyze, fit_line
-from spkv.cache import SPKVCache, cache_stats
+from spkv.cache import SPKVCache
 from spkv.cli import main
-from spkv.evaluate import HeldoutSet, nll_full_sequence, nll_with_policy
-from spkv.kvzap import fit_kvzap, importance_target, installed, load_regressors, regressors_metadata, save_regressors
-from spkv.matched import MatchSettings, calibrate, decides_late
+from spkv.data.heldout import HeldoutSet
+from spkv.eval.analysis import analyze, fit_line
+from spkv.eval.kvzap import (
+    fit_kvzap,
+    importance_target,
+    installed,
+    load_regressors,
+    regressors_metadata,
+    save_regressors,
+)
+from spkv.eval.matched import MatchSettings, calibrate, decides_late
+from spkv.eval.nll import nll_full_sequence, nll_with_policy
 from spkv.models import load_model
 from spkv.policies import H2O, ExpectedAttention, KeyNorm, KVzap
+from spkv.stats import cache_stats
 
 from .tiny_models import VOCAB, save_tiny_pretrained, tiny_model
 
@@ -74,12 +83,12 @@ def test_kvzap_fit_install_and_roundtrip(control, tmp_path):
 
 def test_kvzap_fit_is_reused_only_for_the_same_control(control, tmp_path, monkeypatch):
     """A saved surrogate fitted on another control (same folder, new weights) is fitted again."""
-    import spkv.kvzap
-    from spkv.matched import _kvzap_row
+    import spkv.eval.kvzap
+    from spkv.eval.matched import _kvzap_row
 
     fits = []
-    real_fit = spkv.kvzap.fit_kvzap
-    monkeypatch.setattr(spkv.kvzap, "fit_kvzap", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
+    real_fit = spkv.eval.kvzap.fit_kvzap
+    monkeypatch.setattr(spkv.eval.kvzap, "fit_kvzap", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
     data, train = _data(1, 256), _data(2, 128).input_ids
     settings = MatchSettings(tolerance=0.05, chunk=64, exact_chunk=64, max_iterations=4)
     for digest, fitted in (("aa", 1), ("aa", 1), ("bb", 2)):

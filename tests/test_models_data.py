@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from spkv import data
 from spkv import models as spkv_models
-from spkv.data import Document, iter_documents, pack_sequences, split_documents
+from spkv.data import corpus as data
+from spkv.data.corpus import Document, iter_documents, pack_sequences, split_documents
 from spkv.models import MODEL_ALIASES, ModelPackageMissing, load_model
 
 from .tiny_models import save_tiny_pretrained

@@ -16,7 +16,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 import spkv
-from spkv import ruler
+from spkv.eval.tasks import prompts, report, runner
+from spkv.methods import Method
 from spkv.policies import RandomPolicy
 
 from .test_core import randomize_gates
@@ -43,7 +44,7 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    text = [" ".join(ruler.NOISE), " ".join(ruler.WORDS), "The special magic numbers VAR Question Answer"] * 3
+    text = [" ".join(prompts.NOISE), " ".join(prompts.WORDS), "The special magic numbers VAR Question Answer"] * 3
     tok.train_from_iterator(text, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
@@ -56,29 +57,29 @@ def save_tiny_bpe_model(path: Path) -> Path:
     return path
 
 
-def context(sample: ruler.Sample) -> str:
+def context(sample: prompts.Sample) -> str:
     return sample.prompt[sample.context_span[0] : sample.context_span[1]]
 
 
-@pytest.mark.parametrize("task", ruler.TASKS)
+@pytest.mark.parametrize("task", prompts.TASKS)
 def test_deterministic_per_seed_and_fitted_to_length(task):
     tok = bpe_tokenizer()
-    a = ruler.make_sample(task, 1024, 0, tok, seed=7)
-    assert a == ruler.make_sample(task, 1024, 0, tok, seed=7)
-    assert a.prompt != ruler.make_sample(task, 1024, 0, tok, seed=8).prompt
-    assert a.prompt != ruler.make_sample(task, 1024, 1, tok, seed=7).prompt
+    a = prompts.make_sample(task, 1024, 0, tok, seed=7)
+    assert a == prompts.make_sample(task, 1024, 0, tok, seed=7)
+    assert a.prompt != prompts.make_sample(task, 1024, 0, tok, seed=8).prompt
+    assert a.prompt != prompts.make_sample(task, 1024, 1, tok, seed=7).prompt
     for length in (512, 1024, 2048):
-        s = ruler.make_sample(task, length, 0, tok, seed=7, max_new_tokens=16)
+        s = prompts.make_sample(task, length, 0, tok, seed=7, max_new_tokens=16)
         budget = length - 16
         assert s.prompt_tokens == len(tok(s.prompt).input_ids)
         assert budget - TOLERANCE <= s.prompt_tokens <= budget, (length, s.prompt_tokens)
         assert tok.decode(tok(s.prompt).input_ids) == s.prompt
-    assert a.max_new_tokens == ruler.TaskConfig().max_new_tokens[task]
+    assert a.max_new_tokens == prompts.TaskConfig().max_new_tokens[task]
 
 
 @pytest.mark.parametrize("task", ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"])
 def test_needles_hold_the_answers_at_their_depths(task):
-    s = ruler.make_sample(task, 2048, 3, bpe_tokenizer(), seed=1)
+    s = prompts.make_sample(task, 2048, 3, bpe_tokenizer(), seed=1)
     ctx = context(s)
     expected = {"niah_single": (1, 1), "niah_multikey": (1, 4), "niah_multivalue": (4, 4), "niah_multiquery": (4, 4)}[task]
     assert (len(s.answers), len(s.needles)) == expected
@@ -99,12 +100,12 @@ def test_needles_hold_the_answers_at_their_depths(task):
         assert len(others) == 3 and not any(k in question for k in others)
     # base models get the singular prefix (the plural makes them count "1, 2, 3"); RULER's is an option
     assert s.prompt.endswith("mentioned in the provided text is")
-    ruler_style = ruler.make_sample(task, 2048, 3, bpe_tokenizer(), seed=1, config=ruler.TaskConfig(answer_prefix="ruler"))
+    ruler_style = prompts.make_sample(task, 2048, 3, bpe_tokenizer(), seed=1, config=prompts.TaskConfig(answer_prefix="ruler"))
     assert ruler_style.prompt.endswith("mentioned in the provided text are") and ruler_style.answers == s.answers
 
 
 def test_variable_tracking_chain_in_order():
-    s = ruler.make_sample("vt", 2048, 0, bpe_tokenizer(), seed=2)
+    s = prompts.make_sample("vt", 2048, 0, bpe_tokenizer(), seed=2)
     ctx = context(s)
     positions = [ctx.index(n) for n in s.needles]
     assert positions == sorted(positions) and s.depths == sorted(s.depths)
@@ -115,25 +116,25 @@ def test_variable_tracking_chain_in_order():
     assert f"assigned the value {value}" in s.prompt[s.context_span[1] :]
     assert s.prompt.endswith("they are: VAR")  # the word each answer follows in the text
     with pytest.raises(ValueError, match="answer_prefix"):
-        ruler.TaskConfig(answer_prefix="chat")
+        prompts.TaskConfig(answer_prefix="chat")
 
 
 def test_common_and_frequent_words_are_the_most_frequent():
     tok = bpe_tokenizer()
-    cwe = ruler.make_sample("cwe", 4096, 0, tok, seed=3)
+    cwe = prompts.make_sample("cwe", 4096, 0, tok, seed=3)
     counts = Counter(re.findall(r"\d+\. (\S+)", context(cwe)))
     assert len(cwe.answers) == 10
     least_common = min(counts[a] for a in cwe.answers)
     assert least_common > max(c for w, c in counts.items() if w not in cwe.answers)
     assert len(counts) > 40
-    fwe = ruler.make_sample("fwe", 4096, 0, tok, seed=3)
+    fwe = prompts.make_sample("fwe", 4096, 0, tok, seed=3)
     top = [w for w, _ in Counter(context(fwe).split()).most_common(4)]
     assert top[0] == "...." and top[1:] == fwe.answers
-    assert ruler.zipf_counts(50, 8, 2.0, 4)[:6] == sorted(set(ruler.zipf_counts(50, 8, 2.0, 4)[:6]), reverse=True)
+    assert prompts.zipf_counts(50, 8, 2.0, 4)[:6] == sorted(set(prompts.zipf_counts(50, 8, 2.0, 4)[:6]), reverse=True)
 
 
 def test_word_lists_never_hide_one_word_in_another():
-    words = ruler.WORDS
+    words = prompts.WORDS
     assert len(words) > 400
     assert not any(a != b and a in b for a in words for b in words)
 
@@ -142,28 +143,28 @@ def test_corpus_haystack(tmp_path):
     corpus = tmp_path / "heldout.jsonl"
     corpus.write_text("".join(json.dumps({"id": str(i), "text": f"Document {i} says alpha beta gamma delta. " * 40}) + "\n"
                               for i in range(5)))
-    cfg = ruler.TaskConfig(haystack="corpus", corpus=str(corpus))
-    s = ruler.make_sample("niah_single", 1024, 0, bpe_tokenizer(), config=cfg)
+    cfg = prompts.TaskConfig(haystack="corpus", corpus=str(corpus))
+    s = prompts.make_sample("niah_single", 1024, 0, bpe_tokenizer(), config=cfg)
     assert "Document" in context(s) and s.needles[0] in context(s)
     assert 1024 - s.max_new_tokens - TOLERANCE <= s.prompt_tokens
     with pytest.raises(FileNotFoundError, match="spkv data"):
-        ruler.make_sample("niah_single", 1024, 0, bpe_tokenizer(),
-                          config=ruler.TaskConfig(haystack="corpus", corpus=str(tmp_path / "missing.jsonl")))
+        prompts.make_sample("niah_single", 1024, 0, bpe_tokenizer(),
+                          config=prompts.TaskConfig(haystack="corpus", corpus=str(tmp_path / "missing.jsonl")))
 
 
 def test_string_match_scoring():
     answers = ["1234567", "7654321"]
-    assert ruler.string_match_all(" 1234567 and 7654321.", answers) == 1.0
-    assert ruler.string_match_all(" 1234567, then nothing", answers) == 0.5
-    assert ruler.string_match_all("no numbers", answers) == 0.0
-    assert ruler.string_match_all("The words: Apple, BANANA", ["apple", "banana", "cherry"]) == pytest.approx(2 / 3)
+    assert runner.string_match_all(" 1234567 and 7654321.", answers) == 1.0
+    assert runner.string_match_all(" 1234567, then nothing", answers) == 0.5
+    assert runner.string_match_all("no numbers", answers) == 0.0
+    assert runner.string_match_all("The words: Apple, BANANA", ["apple", "banana", "cherry"]) == pytest.approx(2 / 3)
     rows = [{"task": "t", "length": 8, "score": s, "density": d, "prompt_tokens": 5} for s, d in [(1.0, 0.2), (0.5, None)]]
-    assert ruler.summarize(rows) == [{"task": "t", "length": 8, "n": 2, "score": 0.75, "density": 0.2, "prompt_tokens": 5}]
+    assert report.summarize(rows) == [{"task": "t", "length": 8, "n": 2, "score": 0.75, "density": 0.2, "prompt_tokens": 5}]
 
 
 def test_too_short_a_length_says_so():
     with pytest.raises(ValueError, match="too short for task niah_single"):
-        ruler.make_sample("niah_single", 64, 0, bpe_tokenizer())
+        prompts.make_sample("niah_single", 64, 0, bpe_tokenizer())
 
 
 def test_run_suite_through_the_compressed_cache():
@@ -171,7 +172,7 @@ def test_run_suite_through_the_compressed_cache():
     model = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=512)
     spkv.convert(model, spkv.SPKVConfig(window=16, threshold=0.5))
     randomize_gates(model, seed=1)
-    result = ruler.run_suite(
+    result = runner.run_suite(
         model, tok, lengths=[448, 1024], tasks=["niah_multikey", "vt", "fwe"], samples_per_cell=2, seed=0,
         make_cache=lambda: spkv.SPKVCache(model, policy=RandomPolicy(threshold=0.5), sinks=4),
         max_new_tokens=4, prefill_chunk=64,
@@ -182,32 +183,32 @@ def test_run_suite_through_the_compressed_cache():
         assert 0.0 <= cell["score"] <= 1.0
         assert 0.35 < cell["density"] < 0.65  # random scores, threshold 0.5
     for row in result["samples"]:
-        assert row["score"] == ruler.string_match_all(row["prediction"], row["answers"])
+        assert row["score"] == runner.string_match_all(row["prediction"], row["answers"])
 
-    methods = [ruler.Method("dense"), ruler.Method("spkv"), ruler.Method("streaming", threshold=0.0)]
-    both = ruler.run_methods(model, tok, methods, lengths=[448], tasks=["niah_single"], samples_per_cell=1,
+    methods = [Method("dense"), Method("spkv"), Method("streaming", threshold=0.0)]
+    both = runner.run_methods(model, tok, methods, lengths=[448], tasks=["niah_single"], samples_per_cell=1,
                              max_new_tokens=4, prefill_chunk=64)
     density = {r["method"]: r["cells"][0]["density"] for r in both["methods"]}
     assert density["dense"] == 1.0 and density["streaming"] == 0.0 and 0.2 < density["spkv"] < 0.8
-    table = ruler.tasks_markdown(both)
+    table = report.tasks_markdown(both)
     assert "| spkv | niah_single |" in table and "retention vs dense" in table
 
     # an interrupted method resumes after its last saved sample; the saved rows are reused as they are
     saved = []
     kw = dict(lengths=[448], tasks=["niah_single", "vt"], samples_per_cell=1, max_new_tokens=4, prefill_chunk=64)
-    ruler.run_methods(model, tok, [ruler.Method("dense")], save=saved.append, **kw)
+    runner.run_methods(model, tok, [Method("dense")], save=saved.append, **kw)
     first = saved[0]["methods"][0]
     assert first["partial"] and len(first["samples"]) == 1 and not saved[-1]["methods"][0].get("partial")
     first["samples"][0]["prediction"] = "marker"
     interrupted = json.loads(json.dumps(saved[0]))  # as the partial file holds it
     with pytest.raises(ValueError, match="other settings \\(seed\\)"):
-        ruler.run_methods(model, tok, [ruler.Method("dense")], resume=interrupted, seed=1, **kw)
-    resumed = ruler.run_methods(model, tok, [ruler.Method("dense")], resume=interrupted, **kw)
+        runner.run_methods(model, tok, [Method("dense")], resume=interrupted, seed=1, **kw)
+    resumed = runner.run_methods(model, tok, [Method("dense")], resume=interrupted, **kw)
     rows = resumed["methods"][0]["samples"]
     assert [r["prediction"] == "marker" for r in rows] == [True, False]
     assert rows[1] == saved[-1]["methods"][0]["samples"][1]  # the rest computed as in an uninterrupted run
     # a finished run grows to more samples per cell: its rows are kept, only the new indices run
-    grown = ruler.run_methods(model, tok, [ruler.Method("dense")], resume=resumed, **{**kw, "samples_per_cell": 2})
+    grown = runner.run_methods(model, tok, [Method("dense")], resume=resumed, **{**kw, "samples_per_cell": 2})
     rows2 = grown["methods"][0]["samples"]
     assert len(rows2) == 4 and [r["index"] for r in rows2] == [0, 1, 0, 1]
     assert rows2[0]["prediction"] == "marker" and rows2[2] == rows[1]
@@ -239,7 +240,7 @@ def test_tasks_markdown_summary_rows():
                                                                           cell("a", 2048, 0.5, 1.0), cell("b", 2048, 0.0, 1.0)]},
                           {"method": "spkv", "label": "spkv", "cells": [cell("a", 1024, 0.5, 0.2), cell("b", 1024, 0.25, 0.4),
                                                                         cell("a", 2048, 0.5, 0.1), cell("b", 2048, 0.25, 0.1)]}]}
-    table = ruler.tasks_markdown(result)
+    table = report.tasks_markdown(result)
     assert "| spkv | 1024 | 37.5 | 50.0% | 30.0% |" in table
     assert "| spkv | 2048 | 37.5 | 150.0% | 10.0% |" in table
     assert "| spkv | all | 37.5 | 75.0% | 20.0% |" in table and "| dense | all | 50.0 | 100.0% | 100.0% |" in table
@@ -287,7 +288,7 @@ def test_cli_match_density_and_resume(tmp_path, monkeypatch):
 
     rng = random.Random(0)
     heldout = tmp_path / "heldout.jsonl"
-    heldout.write_text("".join(json.dumps({"id": f"h{i}", "text": " ".join(rng.choice(ruler.WORDS) for _ in range(900))}) + "\n"
+    heldout.write_text("".join(json.dumps({"id": f"h{i}", "text": " ".join(rng.choice(prompts.WORDS) for _ in range(900))}) + "\n"
                                for i in range(2)))
     prose = tmp_path / "prose"
     main(args[:-1] + [str(prose), "--calibrate-on", "heldout", "--heldout", str(heldout), "--calibration-len", "256"])

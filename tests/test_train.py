@@ -15,10 +15,12 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import spkv
+from spkv.cli import build_parser
 from spkv.convert import predictors
 from spkv.density import gate_density
-from spkv.cli import build_parser
-from spkv.train import TrainConfig, bf16_is_fast, build_model, density_penalty, density_target_at, export_adapter, lr_factor, phase_at, train
+from spkv.train.config import TrainConfig, bf16_is_fast
+from spkv.train.loop import build_model, export_adapter, train
+from spkv.train.schedule import density_penalty, density_target_at, lr_factor, phase_at
 
 from .tiny_models import save_tiny_pretrained
 
@@ -181,7 +183,7 @@ def test_gemma3_trains_a_gate_on_its_full_attention_layer_only(tiny_setup, tmp_p
 
 
 def test_train_benchmark_smoke(tiny_setup, tmp_path):
-    from spkv.bench_train import run_train_bench, write_train_bench
+    from spkv.bench.train_step import run_train_bench, write_train_bench
 
     result = run_train_bench(model=str(tiny_setup[0]), seq_len=16, steps=2, warmup=0, train_llm="all", bf16=False)
     assert [r["run"] for r in result["rows"]] == ["plain fine-tuning", "SP-KV (soft phase)"]

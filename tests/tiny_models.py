@@ -13,10 +13,10 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
-    PreTrainedTokenizerFast,
     Qwen3ForCausalLM,
 )
 

@@ -12,8 +12,8 @@ for _module in pkgutil.iter_modules(__path__):
 from .expected_attention import ExpectedAttention  # noqa: E402
 from .h2o import H2O  # noqa: E402
 from .keep_all import KeepAll  # noqa: E402
-from .kvzap import KVzap  # noqa: E402
 from .key_norm import KeyNorm  # noqa: E402
+from .kvzap import KVzap  # noqa: E402
 from .random import RandomPolicy  # noqa: E402
 from .spkv import SPKVPolicy  # noqa: E402
 from .streaming import StreamingLLM  # noqa: E402

@@ -14,14 +14,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .results import atomic_write_text, write_json
-from .train import TrainConfig, _step_loss, build_model, build_optimizer
+from spkv.results import atomic_write_text, write_json
+from spkv.train.config import TrainConfig
+from spkv.train.loop import build_model, build_optimizer, step_loss
 
 
 def _one_step(cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> float:
     start = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-        loss, _ = _step_loss(cfg, model, None, ids, step=0)
+        loss, _ = step_loss(cfg, model, None, ids, step=0)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from .convert import _decoder_layers, predictors
+from spkv.convert import _decoder_layers, predictors
 
 _EPS = 1e-6  # floor of the attention target before the log
 

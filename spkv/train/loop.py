@@ -12,15 +12,12 @@ Checkpoints are atomic and `resume=True` continues with the same data order and 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
-import math
 import os
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,150 +26,21 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .adapter import save_adapter
-from .config import SPKVConfig
-from .convert import convert, predictors, record_gates, update_config
-from .density import gate_density
-from .results import atomic_write_text
-
-TRAIN_LLM = ("all", "lora", "none")
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _opt(default: Any, help: str) -> Any:
-    """A config field with the help text `spkv train --help` shows."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-@functools.cache
-def bf16_is_fast() -> bool:
-    """Whether bf16 autocast pays here. A CPU without native bf16 (AVX2 only) emulates it: a bf16
-    matmul took 58x (256x256) to 350x (2048x2048) as long as fp32 on a 2-core EPYC, so training there
-    must stay in fp32."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-
-    def seconds(x: torch.Tensor) -> float:  # the fastest of a few: a busy machine only slows some
-        x @ x  # first call: kernel selection
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            x @ x
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: no waiting on a descheduled peer when the machine is busy
-    try:
-        a = torch.randn(256, 256)
-        return seconds(a.bfloat16()) <= 3 * seconds(a)
-    finally:
-        torch.set_num_threads(threads)
-
-
-@dataclass
-class TrainConfig:
-    model: str = _opt("smollm2-135m", "alias (smollm2-135m, gemma3-270m), Hugging Face id or local path")
-    data: list[str] = _opt(["default"], "'default' (spkv data's train split), text files, folders or HF dataset names")
-    out: str = _opt("runs/spkv", "run folder: checkpoint.pt, log.jsonl, train_config.json, adapter/")
-    control: bool = _opt(False, "the dense control: the same recipe with no gates")
-    train_llm: str = _opt("lora", "what of the LLM trains besides the predictors: all | lora | none")
-    lora_rank: int = _opt(16, "LoRA rank (train_llm=lora)")
-    seq_len: int = _opt(2048, "tokens per packed training sequence")
-    batch_size: int = _opt(4, "sequences per optimizer step, over all processes")
-    max_tokens: int = _opt(1_000_000, "training budget in tokens (sets the number of steps)")
-    lr: float = _opt(2e-4, "the LLM's (LoRA or full) peak learning rate")
-    predictor_lr_mult: float = _opt(5.0, "predictor LR = lr x this (paper: 5)")
-    predictor_weight_decay: float = _opt(0.1, "AdamW weight decay on the predictors")
-    weight_decay: float = _opt(0.0, "AdamW weight decay on the LLM's trained weights")
-    warmup_steps: int = _opt(10, "linear warmup steps before the cosine decay")
-    min_lr_ratio: float = _opt(0.1, "the cosine schedule ends at lr x this")
-    hard_fraction: float = _opt(0.25, "last part of the schedule: predictor frozen, gate annealed to hard")
-    anneal_steps: int = _opt(200, "steps of the soft-to-hard anneal (capped at the hard part's length)")
-    window: int = _opt(128, "local window: recent pairs always kept")
-    threshold: float = _opt(0.5, "tau the adapter deploys with (changeable later with set_threshold)")
-    predictor_hidden: int = _opt(64, "hidden units of each layer's utility predictor")
-    density_target: float | None = _opt(None, "optional regulariser's target soft density in (0, 1): penalised above it, and below it too with --density-two-sided (needs --density-weight)")
-    density_two_sided: bool = _opt(False, "penalise the soft density's distance from --density-target on both sides (default: only above it)")
-    density_weight: float = _opt(0.0, "weight of the density regulariser")
-    density_ramp_steps: int = _opt(0, "ramp the regulariser's target linearly from 1 down to --density-target over this many steps (0: constant target)")
-    distill_weight: float = _opt(0.0, "optional KL to the frozen original model")
-    bf16: bool | None = _opt(None, "bf16 autocast; default: on where this hardware runs bf16 fast (a GPU with bf16, a CPU with native bf16), else fp32")
-    seed: int = _opt(0, "data order and initialisation")
-    checkpoint_every: int = _opt(25, "steps between atomic checkpoints")
-    delta_rank: int | None = _opt(None, "train_llm=all: store weight changes as rank-r SVD (lossy) in the adapter")
-
-    def __post_init__(self) -> None:
-        if self.bf16 is None:
-            self.bf16 = bf16_is_fast()
-        if self.train_llm not in TRAIN_LLM:
-            raise ValueError(f"TrainConfig.train_llm must be one of {TRAIN_LLM}, got {self.train_llm!r}")
-        if not 0.0 <= self.hard_fraction < 1.0:
-            raise ValueError(f"TrainConfig.hard_fraction must be in [0, 1), got {self.hard_fraction}")
-        if self.batch_size < 1 or self.seq_len < 2 or self.max_tokens < self.batch_size * self.seq_len:
-            raise ValueError("TrainConfig needs batch_size >= 1, seq_len >= 2 and max_tokens >= one batch of tokens")
-        if (self.density_target is None) != (self.density_weight == 0.0):
-            raise ValueError("Set both TrainConfig.density_target and density_weight (> 0), or neither")
-        if self.density_target is not None and not 0.0 < self.density_target < 1.0:
-            raise ValueError(f"TrainConfig.density_target must be in (0, 1), got {self.density_target}")
-        if self.density_two_sided and self.density_target is None:
-            raise ValueError("TrainConfig.density_two_sided needs a density_target")
-        if self.density_ramp_steps < 0 or (self.density_ramp_steps and self.density_target is None):
-            raise ValueError("TrainConfig.density_ramp_steps must be >= 0 and needs a density_target")
-        if self.control and (self.density_weight or self.train_llm == "none"):
-            raise ValueError("The dense control has no gates: no density regulariser, and train_llm must not be 'none'")
-
-    @property
-    def total_steps(self) -> int:
-        return self.max_tokens // (self.batch_size * self.seq_len)
-
-
-# -- schedule -----------------------------------------------------------------------------------
-
-
-def lr_factor(cfg: TrainConfig, step: int) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio over the whole run."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def phase_at(cfg: TrainConfig, step: int) -> tuple[str, float]:
-    """(phase, anneal_alpha) for an optimizer step."""
-    hard_start = round(cfg.total_steps * (1 - cfg.hard_fraction))
-    if step < hard_start:
-        return "soft", 0.0
-    anneal = max(1, min(cfg.anneal_steps, cfg.total_steps - hard_start))
-    alpha = min(1.0, (step - hard_start + 1) / anneal)
-    return ("hard", 1.0) if alpha >= 1.0 else ("anneal", alpha)
-
-
-def density_penalty(cfg: TrainConfig, soft_density: torch.Tensor, step: int) -> torch.Tensor:
-    """The regulariser. One-sided, it goes quiet once the density is under the target, and the
-    predictor's momentum then leaves it well below (reg35: 0.35 asked, ~0.22 reached); two-sided, it
-    also pulls the density back up, so the run ends near the density asked for (both35: 38.5% at
-    tau 0.5 for 0.35), though at a worse quality for that density (results/train/README.md)."""
-    gap = soft_density - density_target_at(cfg, step)
-    return cfg.density_weight * (gap.abs() if cfg.density_two_sided else F.relu(gap))
-
-
-def density_target_at(cfg: TrainConfig, step: int) -> float:
-    """The regulariser's target at a step. A ramp was meant to stop the predictor's momentum carrying
-    the density far below a constant target; in the ramp35 run it did not (results/train/README.md)."""
-    if not cfg.density_ramp_steps:
-        return cfg.density_target
-    return 1.0 - (1.0 - cfg.density_target) * min(1.0, (step + 1) / cfg.density_ramp_steps)
-
+from spkv.adapter import save_adapter
+from spkv.config import SPKVConfig
+from spkv.convert import convert, predictors, record_gates, update_config
+from spkv.data.corpus import default_corpus
+from spkv.density import gate_density
+from spkv.results import atomic_write_text
+from spkv.train.config import LORA_TARGETS, TrainConfig
+from spkv.train.schedule import density_penalty, density_target_at, lr_factor, phase_at
 
 # -- data ---------------------------------------------------------------------------------------
 
 
 def packed_sequences(cfg: TrainConfig, tokenizer: Any, cache_dir: Path) -> torch.Tensor:
     """All training text tokenized and packed into [N, seq_len] (cached by a hash of the inputs)."""
-    from .data import iter_documents, pack_sequences
+    from spkv.data.corpus import iter_documents, pack_sequences
 
     paths = [str(default_corpus() / "train.jsonl") if d == "default" else d for d in cfg.data]
     key = hashlib.sha256(json.dumps([paths, cfg.seq_len, tokenizer.name_or_path, len(tokenizer)]).encode()).hexdigest()[:16]
@@ -192,20 +60,6 @@ def packed_sequences(cfg: TrainConfig, tokenizer: Any, cache_dir: Path) -> torch
     return data
 
 
-def corpus_dir() -> Path:
-    from .models import cache_root
-
-    return Path(os.environ.get("SPKV_CORPUS", cache_root() / "corpus"))
-
-
-def default_corpus() -> Path:
-    """The offline corpus built by `spkv data`; a clear error if it is missing."""
-    path = corpus_dir()
-    if not (path / "train.jsonl").exists():
-        raise FileNotFoundError(f"No corpus at {path}: build it with `spkv data --out {path}` (or pass --data FILES).")
-    return path
-
-
 def batch_indices(cfg: TrainConfig, n_sequences: int, step: int, rank: int, world: int) -> list[int]:
     """The sequences of `step` for process `rank`: a fixed seeded order, so resuming replays exactly."""
     order = np.random.default_rng(cfg.seed).permutation(n_sequences)
@@ -218,7 +72,7 @@ def batch_indices(cfg: TrainConfig, n_sequences: int, step: int, rank: int, worl
 
 def build_model(cfg: TrainConfig):
     """(model, tokenizer, base_state, teacher). The model is converted unless this is the control."""
-    from .models import load_model
+    from spkv.models import load_model
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model)
@@ -303,7 +157,7 @@ def load_checkpoint(path: Path, model, optimizer, cfg: TrainConfig) -> int:
 # -- the loop -----------------------------------------------------------------------------------
 
 
-def _step_loss(cfg: TrainConfig, model, teacher, input_ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+def step_loss(cfg: TrainConfig, model, teacher, input_ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one micro-batch and its logged numbers (density at tau from the gates used)."""
     core = _core(model)
     with record_gates(core) if not cfg.control else nullcontext({}) as gates:
@@ -372,7 +226,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
             input_ids = data[row : row + 1].long().to(accel.device)
             sync = i == len(rows) - 1
             with accel.no_sync(model) if not sync else nullcontext(), accel.autocast():
-                loss, stats = _step_loss(cfg, model, teacher, input_ids, step)
+                loss, stats = step_loss(cfg, model, teacher, input_ids, step)
                 accel.backward(loss / len(rows))
             logs.append(stats)
         accel.clip_grad_norm_(model.parameters(), 1.0)

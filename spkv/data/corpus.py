@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .results import atomic_write_text
+from spkv.results import atomic_write_text
 
 MIN_CHARS = 2000
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
@@ -281,3 +281,17 @@ def pack_sequences(
             yield buffer[start : start + seq_len]
             start += seq_len
         del buffer[:start]
+
+
+def corpus_dir() -> Path:
+    from spkv.models import cache_root
+
+    return Path(os.environ.get("SPKV_CORPUS", cache_root() / "corpus"))
+
+
+def default_corpus() -> Path:
+    """The offline corpus built by `spkv data`; a clear error if it is missing."""
+    path = corpus_dir()
+    if not (path / "train.jsonl").exists():
+        raise FileNotFoundError(f"No corpus at {path}: build it with `spkv data --out {path}` (or pass --data FILES).")
+    return path

@@ -25,22 +25,17 @@ Tasks (RULER's names in brackets):
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import string
-import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
-from transformers.cache_utils import Cache
 
-from .cache import CACHE_ARG, SPKVCache, cache_stats, output_cache
-from .evaluate import HeldoutSet
+from spkv.data.heldout import HeldoutSet, read_heldout
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
@@ -172,19 +167,11 @@ class Haystack:
     @classmethod
     def corpus(cls, path: str | Path | None = None, max_words: int = 400_000) -> "Haystack":
         """Words of held-out documents in file order (never trained on); needs `spkv data`."""
-        if path is None:
-            from .train import default_corpus
-
-            path = default_corpus() / "heldout.jsonl"
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"No held-out corpus at {path}: run `spkv data`, or use the noise haystack.")
         words: list[str] = []
-        with path.open(encoding="utf-8") as lines:
-            for line in lines:
-                words += json.loads(line)["text"].split()
-                if len(words) >= max_words:
-                    break
+        for doc in read_heldout(path):
+            words += doc["text"].split()
+            if len(words) >= max_words:
+                break
         return cls(words[:max_words], cycle=False)
 
     def take(self, n: int, start: int) -> list[str]:
@@ -434,247 +421,3 @@ def build_suite(tokenizer: Any, lengths: Iterable[int], tasks: Iterable[str] = T
         make_sample(task, length, i, tokenizer, seed, cfg, hay, max_new_tokens)
         for task in tasks for length in lengths for i in range(samples_per_cell)
     ]
-
-
-# -- scoring and running ---------------------------------------------------------------------------
-def string_match_all(prediction: str, answers: list[str]) -> float:
-    """RULER's metric: the fraction of answers found in the prediction, case-insensitive."""
-    pred = prediction.lower()
-    return sum(a.lower() in pred for a in answers) / len(answers)
-
-
-def max_positions(model: torch.nn.Module) -> int | None:
-    return getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
-
-
-def generate_answer(model: torch.nn.Module, tokenizer: Any, prompt: str, cache: Cache | None, max_new_tokens: int,
-                    prefill_chunk: int | None = 512) -> tuple[str, float | None]:
-    """Greedy answer after a chunked prefill through `cache` (None: the model's default cache).
-
-    Returns (text, density); density is the SP-KV cache's kept fraction (None for other caches,
-    or when no pair has left the window yet)."""
-    enc = tokenizer(prompt, return_tensors="pt").to(model.device)
-    n = enc.input_ids.shape[1]
-    extra = {} if cache is None else {CACHE_ARG: cache}
-    with torch.no_grad():
-        out = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True,
-            prefill_chunk_size=prefill_chunk if prefill_chunk and prefill_chunk < n else None,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            **extra,
-        )
-    text = tokenizer.decode(out.sequences[0, n:], skip_special_tokens=True)
-    used = output_cache(out)
-    density = None
-    if isinstance(used, SPKVCache) and any(layer.is_initialized for layer in used.spkv_layers()):
-        value = cache_stats(used).density
-        density = None if math.isnan(value) else value
-    return text, density
-
-
-def evaluate_samples(model: torch.nn.Module, tokenizer: Any, samples: list[Sample],
-                     make_cache: Callable[[], Cache | None], prefill_chunk: int | None = 512,
-                     desc: str = "tasks", done_rows: list[dict[str, Any]] | None = None,
-                     on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
-    """Generate every sample's answer -> {"cells": per (task, length) score and density, "samples": [...]}.
-
-    Rows in `done_rows` (same task, length and index) are reused; `on_row` gets the rows so far
-    after every new one, so a long run can resume mid-method."""
-    reuse = {(r["task"], r["length"], r["index"]): r for r in done_rows or []}
-    keys = [(s.task, s.length, s.index) for s in samples]
-    rows = []
-    # the bar starts at the reused rows' count and moves only for generated ones
-    with tqdm(total=len(samples), desc=desc, unit="sample", initial=sum(k in reuse for k in keys)) as bar:
-        for s, key in zip(samples, keys):
-            if key in reuse:
-                rows.append(reuse[key])
-                continue
-            text, density = generate_answer(model, tokenizer, s.prompt, make_cache(), s.max_new_tokens, prefill_chunk)
-            rows.append({"task": s.task, "length": s.length, "index": s.index, "prompt_tokens": s.prompt_tokens,
-                         "answers": s.answers, "prediction": text, "score": string_match_all(text, s.answers),
-                         "density": density})
-            bar.update(1)
-            if on_row is not None:
-                on_row(list(rows))
-    return {"cells": summarize(rows), "samples": rows}
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (task, length): mean score, mean density (over samples that have one), mean prompt tokens."""
-    cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for r in rows:
-        cells.setdefault((r["task"], r["length"]), []).append(r)
-    return [
-        {"task": task, "length": length, "n": len(rs), "score": _mean([r["score"] for r in rs]),
-         "density": _mean([r["density"] for r in rs if r["density"] is not None]),
-         "prompt_tokens": _mean([r["prompt_tokens"] for r in rs])}
-        for (task, length), rs in cells.items()
-    ]
-
-
-def usable_lengths(model: torch.nn.Module, lengths: Iterable[int]) -> tuple[list[int], list[int]]:
-    """(lengths within the model's positions, skipped ones)."""
-    limit = max_positions(model)
-    lengths = list(lengths)
-    ok = [n for n in lengths if limit is None or n <= limit]
-    return ok, [n for n in lengths if n not in ok]
-
-
-def _header(lengths: list[int], skipped: list[int], tasks: list[str], samples_per_cell: int, seed: int,
-            prefill_chunk: int | None, config: TaskConfig) -> dict[str, Any]:
-    return {"lengths": lengths, "skipped_lengths": skipped, "tasks": tasks, "samples_per_cell": samples_per_cell,
-            "seed": seed, "prefill_chunk": prefill_chunk, "config": asdict(config)}
-
-
-def run_suite(model: torch.nn.Module, tokenizer: Any, lengths: Iterable[int] = DEFAULT_LENGTHS,
-              tasks: Iterable[str] = TASKS, samples_per_cell: int = 4, seed: int = 0,
-              make_cache: Callable[[], Cache | None] = lambda: None, max_new_tokens: int | None = None,
-              prefill_chunk: int | None = 512, config: TaskConfig | None = None) -> dict[str, Any]:
-    """Build the suite for this tokenizer and run it with caches from make_cache (one per sample).
-
-    Lengths beyond the model's positions are skipped (listed in "skipped_lengths")."""
-    cfg, tasks = config or TaskConfig(), list(tasks)
-    ok, skipped = usable_lengths(model, lengths)
-    samples = build_suite(tokenizer, ok, tasks, samples_per_cell, seed, cfg, max_new_tokens)
-    return {**_header(ok, skipped, tasks, samples_per_cell, seed, prefill_chunk, cfg),
-            **evaluate_samples(model, tokenizer, samples, make_cache, prefill_chunk)}
-
-
-# -- methods: which cache each sample is decoded with ----------------------------------------------
-@dataclass
-class Method:
-    """`dense` (keep every pair), `spkv` (the model's predictor) or a policy name from spkv.policies."""
-
-    name: str
-    threshold: float | None = None  # None: spkv follows the model's tau; policies their default
-    sinks: int | None = None  # None: spkv the model's (0), policies 4, dense 0
-
-    @property
-    def label(self) -> str:
-        return self.name if self.threshold is None else f"{self.name} (tau={self.threshold:g})"
-
-
-def cache_factory(model: torch.nn.Module, method: Method) -> Callable[[], Cache | None]:
-    """A fresh cache per sample (policies with state, e.g. random, restart each time)."""
-    from .convert import is_converted
-    from .policies import POLICIES, KeepAll, SPKVPolicy
-
-    if not is_converted(model):
-        if method.name != "dense":
-            raise ValueError(f"Method {method.name!r} needs an SP-KV model (spkv.convert or spkv.load_adapter).")
-        return lambda: None
-    if method.name == "dense":
-        return lambda: SPKVCache(model, policy=KeepAll(), sinks=method.sinks or 0)
-    if method.name == "spkv":
-        return lambda: SPKVCache(model, policy=SPKVPolicy(threshold=method.threshold), sinks=method.sinks)
-    if method.name not in POLICIES:
-        raise ValueError(f"Unknown method {method.name!r}: use dense, spkv or one of {', '.join(sorted(POLICIES))}")
-    cls = POLICIES[method.name]
-    kwargs = {} if method.threshold is None else {"threshold": method.threshold}
-    sinks = 4 if method.sinks is None else method.sinks
-    return lambda: SPKVCache(model, policy=cls(**kwargs), sinks=sinks)
-
-
-def run_methods(model: torch.nn.Module, tokenizer: Any, methods: list[Method], lengths: Iterable[int] = DEFAULT_LENGTHS,
-                tasks: Iterable[str] = TASKS, samples_per_cell: int = 4, seed: int = 0,
-                max_new_tokens: int | None = None, prefill_chunk: int | None = 512,
-                config: TaskConfig | None = None, resume: dict[str, Any] | None = None,
-                save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """The same samples for every method -> {"methods": [{"method", "threshold", "cells", "samples"}], ...}.
-
-    `resume` is an earlier result (partial, as `save` got it, or finished) with the same settings:
-    its samples are reused as they are and only missing ones run, so an interrupted run continues
-    and a finished one can grow to more samples per cell.
-    `save` gets the partial result after every sample, so a long suite can resume."""
-    cfg, tasks = config or TaskConfig(), list(tasks)
-    ok, skipped = usable_lengths(model, lengths)
-    samples = build_suite(tokenizer, ok, tasks, samples_per_cell, seed, cfg, max_new_tokens)
-    header = _header(ok, skipped, tasks, samples_per_cell, seed, prefill_chunk, cfg)
-    done = {}
-    if resume:
-        wanted = json.loads(json.dumps(header, default=str))  # as the saved file holds it
-        changed = [k for k in wanted if k != "samples_per_cell" and resume.get(k) != wanted[k]]
-        if changed:
-            raise ValueError(f"The earlier run was made with other settings ({', '.join(changed)}): rerun with "
-                             "the same settings, or start again without resuming.")
-        done = {r["label"]: r for r in resume["methods"]}
-    runs: list[dict[str, Any]] = []
-    for m in methods:
-        prior = done.get(m.label)
-        head = {"method": m.name, "label": m.label, "threshold": m.threshold, "sinks": m.sinks}
-
-        def on_row(rows: list[dict[str, Any]]) -> None:
-            if save is not None:
-                save({**header, "methods": runs + [{**head, "partial": True, "samples": rows}]})
-
-        res = evaluate_samples(model, tokenizer, samples, cache_factory(model, m), prefill_chunk, desc=m.label,
-                               done_rows=prior["samples"] if prior else None, on_row=on_row)
-        runs.append({**head, **res})
-        if save is not None:
-            save({**header, "methods": runs})
-    return {**header, "methods": runs}
-
-
-def _pct(x: float | None) -> str:
-    return "" if x is None else f"{100 * x:.1f}"
-
-
-def tasks_markdown(result: dict[str, Any]) -> str:
-    """Score (%) per method x task x length, then the mean over tasks with density and retention vs dense."""
-    lengths = result["lengths"]
-    head = "| method | task | " + " | ".join(str(n) for n in lengths) + " | mean |"
-    lines = [f"RULER-style tasks, {result['samples_per_cell']} samples per cell, seed {result['seed']}, "
-             f"{result['config'].get('answer_prefix', 'ruler')} answer prefixes; "
-             "score = % of expected answers found in the generated text."]
-    calibration = result.get("calibration")
-    if calibration:
-        on = ("one prompt per task (never evaluated)" if calibration.get("on") == "tasks"
-              else f"{len(calibration['documents'])} held-out documents")
-        lines.append(f"Policies calibrated to {100 * calibration['target_density']:g}% density on {on} of "
-                     f"{calibration['tokens']} tokens; the density column is measured on each cell's own prompts.")
-    lines += ["", head,
-             "|" + " --- |" * (len(lengths) + 3)]
-    means: dict[str, dict[int, tuple[float | None, float | None]]] = {}
-    for run in result["methods"]:
-        by = {(c["task"], c["length"]): c for c in run["cells"]}
-        for task in result["tasks"]:
-            scores = [by[(task, n)]["score"] for n in lengths if (task, n) in by]
-            lines.append(f"| {run['label']} | {task} | " + " | ".join(_pct(by[(task, n)]["score"]) if (task, n) in by else ""
-                                                                  for n in lengths) + f" | {_pct(_mean(scores))} |")
-        means[run["label"]] = {}
-        for n in [*lengths, "all"]:  # "all": every cell of the method, one summary figure
-            cells = [c for c in run["cells"] if n in ("all", c["length"])]
-            means[run["label"]][n] = (_mean([c["score"] for c in cells]),
-                                      _mean([c["density"] for c in cells if c["density"] is not None]))
-    dense = next((r["label"] for r in result["methods"] if r["method"] == "dense"), None)
-    lines += ["", "| method | length | mean score | retention vs dense | density |", "| --- | --- | --- | --- | --- |"]
-    for label, per_len in means.items():
-        for n, (score, density) in per_len.items():
-            ref = means[dense][n][0] if dense else None
-            retention = f"{100 * score / ref:.1f}%" if ref and score is not None else ""
-            lines.append(f"| {label} | {n} | {_pct(score)} | {retention} | {_pct(density) + '%' if density is not None else ''} |")
-    if result.get("skipped_lengths"):
-        lines += ["", f"Skipped (beyond the model's positions): {', '.join(map(str, result['skipped_lengths']))}."]
-    return "\n".join(lines) + "\n"
-
-
-def parse_methods(names: list[str], thresholds: list[str] | None = None, calibrated: bool = False) -> list[Method]:
-    """--methods NAME ... with --threshold NAME=VALUE ... -> Methods (a threshold for an unlisted method is an error)."""
-    taus: dict[str, float] = {}
-    for item in thresholds or []:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--threshold takes NAME=VALUE (e.g. spkv=0.5), got {item!r}")
-        taus[name] = float(value)
-    unknown = sorted(set(taus) - set(names))
-    if unknown:
-        raise ValueError(f"--threshold given for {', '.join(unknown)}, which is not in --methods")
-    for n in names:
-        if n not in taus and n not in ("dense", "spkv", "streaming") and not calibrated:
-            warnings.warn(f"{n} runs at its class default threshold, which sets its density arbitrarily: give "
-                          f"--threshold {n}=VALUE or --match-density D", stacklevel=2)
-    return [Method(n, taus.get(n)) for n in names]

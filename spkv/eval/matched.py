@@ -10,143 +10,19 @@ token-by-token run on a sample, and that error is part of the result.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from .evaluate import HeldoutSet, NLLResult, nll_full_sequence, nll_with_policy
-from .policies import POLICIES, ScoringPolicy
-
-# Methods with no threshold to calibrate: they are reported at the density they have.
-UNMATCHED = {"streaming", "keep_all"}
-
-
-@dataclass
-class MatchSettings:
-    tolerance: float = 0.01  # |density - target|, absolute (protocols.md: within 1 point)
-    calibration_sequences: int = 4  # calibrate on the first documents, then confirm on all
-    max_iterations: int = 6
-    chunk: int = 32  # prefill chunk of the attention-based baselines (approximate: error measured)
-    exact_chunk: int = 512  # prefill chunk of the write-time baselines (exact at any chunk)
-    exactness_sequences: int = 1  # documents re-run token by token for attention-based policies
-    exactness_tokens: int = 1024  # ... on their first tokens (token by token is slow on CPU)
-    sinks: int = 4
-    seed: int = 0
-    score: bool = True  # False: calibrate on density alone (no NLL; much faster for large vocabularies)
-
-
-@dataclass
-class Calibration:
-    threshold: float
-    density: float  # on the calibration documents
-    history: list[tuple[float, float]] = field(default_factory=list)  # (threshold, density) tried
-    result: NLLResult | None = field(default=None, repr=False)  # the run at `threshold`
-
-    def summary(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "density": self.density, "history": self.history}
-
-
-def _subset(data: HeldoutSet, n: int) -> HeldoutSet:
-    return HeldoutSet(data.input_ids[:n], data.doc_ids[:n], data.sources[:n])
-
-
-def _recording(policy: ScoringPolicy) -> tuple[ScoringPolicy, list[torch.Tensor]]:
-    """A copy of `policy` that also records the scores pairs have when they are decided.
-
-    Write-time policies: every new score. Attention-based ones: the oldest window scores after each
-    observe (the pairs about to leave). Used only to guess the next threshold; the density itself is
-    always measured by the cache."""
-    seen: list[torch.Tensor] = []
-    rec = copy.copy(policy)
-    score_new, observe, observe_queries = policy.score_new, policy.observe, policy.observe_queries
-
-    def recorded_new(keys, values, gate_logits):
-        scores = score_new(keys, values, gate_logits)
-        if not decides_late(policy):
-            seen.append(scores.detach().flatten().cpu())
-        return scores
-
-    def recorded_observe(scores, probs):
-        scores = observe(scores, probs)
-        if not policy.needs_queries:
-            seen.append(scores[:, :, : probs.shape[3]].detach().flatten().cpu())
-        return scores
-
-    def recorded_observe_queries(scores, keys, values, queries, scaling):
-        scores = observe_queries(scores, keys, values, queries, scaling)
-        leaving = keys.shape[2] - queries.shape[3]  # the cache holds min(seen, window) queries
-        seen.append(scores[:, :, :leaving].detach().flatten().cpu())
-        return scores
-
-    rec.score_new, rec.observe, rec.observe_queries = recorded_new, recorded_observe, recorded_observe_queries
-    return rec, seen
-
-
-def decides_late(policy: ScoringPolicy | type[ScoringPolicy]) -> bool:
-    """Scores that change after writing are final only when the pair leaves: chunked runs approximate them."""
-    return policy.needs_attention or policy.needs_queries
-
-
-def _quantile(scores: list[torch.Tensor], q: float, seed: int) -> float:
-    values = torch.cat(scores).float()
-    values = values[torch.isfinite(values)]
-    if values.numel() > 4_000_000:
-        values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(seed))[:4_000_000]]
-    return float(torch.quantile(values, q))
-
-
-def calibrate(model: torch.nn.Module, data: HeldoutSet, make_policy: Callable[[float], ScoringPolicy], target: float,
-              settings: MatchSettings, desc: str = "calibrate", start: float = -math.inf) -> Calibration:
-    """Find a threshold whose density is within settings.tolerance of `target` on `data`.
-
-    Density falls as the threshold rises. Each run's recorded scores map the density gap to a
-    threshold step (quantile at the target minus quantile at the measured density); once the target
-    is bracketed, a step that leaves the bracket is replaced by linear interpolation."""
-    lo: tuple[float, float] | None = None  # (threshold, density > target)
-    hi: tuple[float, float] | None = None  # (threshold, density < target)
-    threshold, history, best = start, [], None  # -inf: keep everything first, only to record the scores
-    for it in range(settings.max_iterations):
-        policy, scores = _recording(make_policy(threshold))
-        result = nll_with_policy(model, data, policy, sinks=settings.sinks, chunk=settings.chunk, desc=f"{desc} #{it}",
-                                 score=settings.score)
-        density = result.density
-        history.append((threshold, density))
-        if best is None or abs(density - target) < abs(best.density - target):
-            best = Calibration(threshold, density, history, result)
-        if abs(density - target) <= settings.tolerance:
-            break
-        if density > target:
-            lo = (threshold, density)
-        else:
-            hi = (threshold, density)
-        guess = _quantile(scores, 1.0 - target, settings.seed)
-        if math.isfinite(threshold):  # recorded scores are only an estimate: move by their quantile gap
-            guess = threshold + guess - _quantile(scores, 1.0 - density, settings.seed)
-        inside = (lo is None or guess > lo[0]) and (hi is None or guess < hi[0])
-        if not inside and lo is not None and hi is not None and math.isfinite(lo[0]):
-            # interpolate the density linearly between the bracket's ends
-            guess = lo[0] + (hi[0] - lo[0]) * (lo[1] - target) / (lo[1] - hi[1])
-        threshold = guess
-    return best
-
-
-def calibrate_methods(model: torch.nn.Module, data: HeldoutSet, methods: list[str], target: float,
-                      settings: MatchSettings) -> dict[str, Calibration]:
-    """Thresholds at which each policy's density matches `target` on `data` (prefill chunk
-    settings.chunk for every policy, as the caller will run them), e.g. for the task suite."""
-    out = {}
-    for method in methods:
-        if method in UNMATCHED:
-            continue
-        cls = POLICIES[method]
-        out[method] = calibrate(model, data, lambda t, c=cls: c(threshold=t), target, settings, desc=f"{method} calibrate")
-    return out
+from spkv.data.heldout import HeldoutSet
+from spkv.eval.calibrate import UNMATCHED, MatchSettings, calibrate, decides_late
+from spkv.eval.nll import nll_full_sequence, nll_with_policy
+from spkv.policies import POLICIES, ScoringPolicy
 
 
 def matched_row(model: torch.nn.Module, data: HeldoutSet, method: str, target: float, settings: MatchSettings,
@@ -167,12 +43,12 @@ def matched_row(model: torch.nn.Module, data: HeldoutSet, method: str, target: f
         row.update(threshold=None, calibration=None, **asdict(result))
         return row
     # a first estimate on a few documents, then on all of them starting from it (usually one run)
-    first = calibrate(model, _subset(data, settings.calibration_sequences), make, target, settings, desc=f"{method} calibrate")
+    first = calibrate(model, data.subset(settings.calibration_sequences), make, target, settings, desc=f"{method} calibrate")
     calib = calibrate(model, data, make, target, settings, desc=method, start=first.threshold)
     threshold = calib.threshold
     row.update(threshold=threshold, calibration={"first": first.summary(), "all": calib.summary()}, **asdict(calib.result))
     if decides_late(cls) and chunk > 1 and settings.exactness_sequences:
-        sample = _subset(data, settings.exactness_sequences)
+        sample = data.subset(settings.exactness_sequences)
         sample.input_ids = sample.input_ids[:, : settings.exactness_tokens]
         row["exactness"] = chunking_error(model, sample, make(threshold), settings)
     return row
@@ -206,9 +82,9 @@ def compare(model_name: str, adapter: str, control: str, tau: float, methods: li
 
     `done` holds rows of an interrupted run (by method) that are reused; `save` is called after
     every row so a long run can resume."""
-    from .adapter import load_adapter
-    from .convert import set_threshold
-    from .models import load_model
+    from spkv.adapter import load_adapter
+    from spkv.convert import set_threshold
+    from spkv.models import load_model
 
     done = dict(done or {})
     rows: dict[str, dict[str, Any]] = {}
@@ -219,21 +95,20 @@ def compare(model_name: str, adapter: str, control: str, tau: float, methods: li
             save({"rows": list(rows.values())})
         return rows[key]
 
-    def full(model: torch.nn.Module, label: str, threshold: float | None) -> dict[str, Any]:
+    def full(label: str, adapter_dir: str | None = None, threshold: float | None = None) -> dict[str, Any]:
+        model, _ = load_model(model_name)
+        if adapter_dir:
+            load_adapter(model, adapter_dir)
+        if threshold is not None:
+            set_threshold(model, threshold)
         return {"method": label, "threshold": threshold, "chunk": None, **asdict(nll_full_sequence(model, data, label))}
 
-    base_model, _ = load_model(model_name)
-    base = run("base model", lambda: full(base_model, "base model", None))
-    del base_model
-    spkv_model, _ = load_model(model_name)
-    load_adapter(spkv_model, adapter)
-    set_threshold(spkv_model, tau)
-    spkv = run("SP-KV", lambda: full(spkv_model, "SP-KV", tau))
-    del spkv_model
-    model, _ = load_model(model_name)
+    base = run("base model", lambda: full("base model"))
+    spkv = run("SP-KV", lambda: full("SP-KV", adapter, tau))
+    reference = run("dense control", lambda: full("dense control", control))
+    model, _ = load_model(model_name)  # the baselines run on the dense control
     load_adapter(model, control)
     model.eval()
-    reference = run("dense control", lambda: full(model, "dense control", None))
     target = spkv["density"]
     for method in methods:
         if method == "kvzap":
@@ -260,7 +135,14 @@ def _kvzap_row(model: torch.nn.Module, data: HeldoutSet, target: float, settings
                train_sequences: torch.Tensor | None, control_digest: str) -> dict[str, Any]:
     """Fit (or reuse, if fitted on this same control) the KVzap surrogate on training text, then
     calibrate and run it like any baseline."""
-    from .kvzap import KVzapConfig, fit_kvzap, installed, load_regressors, regressors_metadata, save_regressors
+    from spkv.eval.kvzap import (
+        KVzapConfig,
+        fit_kvzap,
+        installed,
+        load_regressors,
+        regressors_metadata,
+        save_regressors,
+    )
 
     path = out / "kvzap_regressors.safetensors"
     if path.exists() and regressors_metadata(path).get("control_sha256") == control_digest:
@@ -302,7 +184,7 @@ def matched_markdown(result: dict[str, Any]) -> str:
 
 def plot_matched(result: dict[str, Any], out: Path) -> Path:
     """quality_vs_density.png: dNLL% against density, one point per method (with paired s.e.)."""
-    from .results import pyplot, save_figure
+    from spkv.results import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))

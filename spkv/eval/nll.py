@@ -7,49 +7,21 @@ with their scoring policy (4 sinks, the same window), so each sees what it would
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .cache import CACHE_ARG, SPKVCache, cache_stats
-from .convert import is_converted, record_gates
-from .density import gate_density
-from .policies import ScoringPolicy
-
-
-@dataclass
-class HeldoutSet:
-    """One sequence per held-out document (its first seq_len tokens), so density is per document."""
-
-    input_ids: torch.Tensor  # [N, seq_len]
-    doc_ids: list[str]
-    sources: list[str]
-
-
-def heldout_set(tokenizer: Any, seq_len: int = 2048, max_sequences: int = 16, corpus: str | Path | None = None) -> HeldoutSet:
-    from .train import default_corpus
-
-    path = Path(corpus) if corpus else default_corpus() / "heldout.jsonl"
-    rows, ids, sources = [], [], []
-    with path.open(encoding="utf-8") as lines:
-        for line in lines:
-            doc = json.loads(line)
-            tokens = tokenizer(doc["text"], add_special_tokens=False).input_ids
-            if len(tokens) >= seq_len:
-                rows.append(tokens[:seq_len])
-                ids.append(doc["id"])
-                sources.append(doc.get("source", ""))
-            if len(rows) == max_sequences:
-                break
-    if not rows:
-        raise ValueError(f"No held-out document in {path} has {seq_len} tokens: lower --seq-len.")
-    return HeldoutSet(torch.tensor(rows), ids, sources)
+from spkv.cache import SPKVCache
+from spkv.compat import CACHE_ARG
+from spkv.convert import is_converted, record_gates
+from spkv.data.heldout import HeldoutSet
+from spkv.density import gate_density
+from spkv.policies import ScoringPolicy
+from spkv.stats import cache_stats
 
 
 def _token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -130,9 +102,9 @@ def nll_with_policy(model: torch.nn.Module, data: HeldoutSet, policy: ScoringPol
 
 def threshold_sweep(model_name: str, adapter: str, control: str | None, thresholds: list[float], data: HeldoutSet) -> dict[str, Any]:
     """Held-out NLL of the base model, the dense control and SP-KV at each tau (with its density)."""
-    from .adapter import load_adapter, read_adapter_config
-    from .convert import set_threshold
-    from .models import load_model
+    from spkv.adapter import load_adapter, read_adapter_config
+    from spkv.convert import set_threshold
+    from spkv.models import load_model
 
     rows = []
     base, _ = load_model(model_name)

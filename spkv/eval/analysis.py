@@ -7,7 +7,6 @@ then a least-squares line of density against log2(length) with its R^2.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -15,20 +14,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .convert import record_gates
-from .density import gate_density
-from .results import pyplot, save_figure
+from spkv.convert import record_gates
+from spkv.data.heldout import tokenized_heldout
+from spkv.density import gate_density
+from spkv.results import pyplot, save_figure
 
 
-def documents_by_length(tokenizer: Any, corpus: Path, count: int, min_len: int, max_len: int) -> list[tuple[str, list[int]]]:
+def documents_by_length(tokenizer: Any, corpus: Path | str | None, count: int, min_len: int, max_len: int) -> list[tuple[str, list[int]]]:
     """`count` held-out documents whose lengths spread evenly (by rank) over [min_len, max_len]."""
-    docs = []
-    with corpus.open(encoding="utf-8") as lines:
-        for line in lines:
-            doc = json.loads(line)
-            ids = tokenizer(doc["text"], add_special_tokens=False).input_ids[:max_len]
-            if len(ids) >= min_len:
-                docs.append((doc["id"], ids))
+    docs = [(doc["id"], ids) for doc, ids in tokenized_heldout(tokenizer, corpus, min_len, max_len)]
     if not docs:
         raise ValueError(f"No document in {corpus} has {min_len} tokens: lower --min-len.")
     docs.sort(key=lambda d: len(d[1]))

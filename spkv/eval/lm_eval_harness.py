@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from .convert import is_converted, record_gates
-from .density import gate_density
+from spkv.convert import is_converted, record_gates
+from spkv.density import gate_density
 
 
 @dataclass

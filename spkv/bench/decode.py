@@ -1,0 +1,482 @@
+"""Speed and memory benchmarks (protocols.md, "Speed and memory").
+
+`run_decode`: median decode step time of one model across caches, contexts and batch sizes, all in
+one process so the ratios between caches are comparable. Each row also gives the KV bytes held and
+read, the weight bytes, peak process memory, and the memory-bandwidth bound
+(weight bytes + KV bytes read) / bandwidth, with the bandwidth measured in the same run.
+
+`run_prefill`: time and memory of chunked long-prompt prefill: the unconverted model with a
+DynamicCache vs the converted model with an SPKVCache, plus the predictors' overhead (the converted
+model keeping every pair, and the predictors timed alone).
+
+Cache names (decode):
+    dynamic       unconverted model, transformers' DynamicCache
+    static        unconverted model, transformers' StaticCache preallocated for the whole run
+    spkv-adapter  the model with --adapter loaded, decisions by its predictors
+    density-P     converted model, RandomPolicy(threshold=1 - P/100): a forced density of P%
+    window-only   converted model, StreamingLLM and no sinks: nothing kept outside the window
+
+How a decode row's cache is filled with its `context` tokens (--fill):
+    synthetic  (default) random keys/values of the model's exact shapes and dtype, written through
+               each cache's own update (and, for SP-KV, its own eviction under the row's policy) in
+               prefill-sized chunks, without running the model: minutes instead of hours at 32k x 8.
+               spkv-adapter rows still use `model` (their decisions need the real predictors on real
+               text) and are skipped above --max-model-fill-tokens.
+    model      the model's chunked prefill over the prompt.
+Either way the timed decode steps are real forwards of the model with that cache.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import Cache
+
+from spkv.bench.common import (
+    DTYPES,
+    TINY,
+    ModelPool,
+    _mib,
+    _num,
+    chunked_prefill,
+    full_kv_bytes,
+    kv_bytes,
+    kv_head_shape,
+    model_info,
+    synthetic_fill,
+)
+from spkv.bench.machine import (
+    GIB,
+    MIB,
+    RSSSampler,
+    measure_bandwidth,
+    rss_peak_mib,
+    torch_threads,
+    weight_bytes,
+    weight_bytes_read,
+)
+from spkv.cache import SPKVCache
+from spkv.compat import CACHE_ARG
+from spkv.policies import RandomPolicy, StreamingLLM
+from spkv.policies.base import ScoringPolicy
+from spkv.results import atomic_write_text, provenance, pyplot, save_figure, write_json
+
+DEFAULT_CACHES = ["dynamic", "static", "spkv-adapter", "density-10", "density-25", "density-50", "window-only"]
+
+
+@dataclass
+class DecodeSettings:
+    model: str = "smollm2-135m"
+    adapter: str | None = None
+    contexts: list[int] = field(default_factory=lambda: [1024, 4096, 8192, 16384, 32768])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    caches: list[str] = field(default_factory=lambda: list(DEFAULT_CACHES))
+    steps: int = 16
+    warmup: int = 3
+    repeats: int = 3
+    prefill_chunk: int = 1024  # also the chunk of the synthetic fill
+    window: int = 128
+    max_kv_gib: float = 12.0
+    fill: str = "synthetic"  # synthetic | model: see the module docstring
+    max_model_fill_tokens: int = 16384  # with fill=synthetic: skip model-filled rows over context x batch
+    bandwidth_mib: int = 512
+    dtype: str = "float32"
+    threads: int | None = None  # torch threads (None: torch's default)
+    out: str = "results/bench"
+
+
+QUICK_DECODE = dict(model=TINY, contexts=[64, 160], batch_sizes=[1, 2], steps=3, warmup=1, repeats=2,
+                    prefill_chunk=64, window=16, bandwidth_mib=64, threads=1)
+
+
+@dataclass
+class CacheSpec:
+    name: str
+    variant: str  # which model: base | converted | adapter
+    policy: ScoringPolicy | None = None
+    sinks: int | None = None
+    kv_fraction: float = 1.0  # expected share of a full cache's bytes (for the memory budget)
+
+
+def parse_cache(name: str) -> CacheSpec:
+    if name in ("dynamic", "static"):
+        return CacheSpec(name, "base")
+    if name == "spkv-adapter":
+        return CacheSpec(name, "adapter")
+    if name == "window-only":
+        return CacheSpec(name, "converted", StreamingLLM(threshold=0.0), sinks=0, kv_fraction=0.0)
+    if name.startswith("density-"):
+        try:
+            percent = float(name.split("-", 1)[1])
+        except ValueError:
+            percent = -1.0
+        if not 0 < percent <= 100:
+            raise ValueError(f"cache {name!r}: density-P needs P in (0, 100]")
+        return CacheSpec(name, "converted", RandomPolicy(threshold=1 - percent / 100, seed=0), kv_fraction=percent / 100)
+    raise ValueError(f"unknown cache {name!r}; choose from dynamic, static, spkv-adapter, density-P, window-only")
+
+
+def make_cache(spec: CacheSpec, model: torch.nn.Module, max_len: int) -> Cache:
+    if spec.name == "dynamic":
+        return DynamicCache(config=model.config)
+    if spec.name == "static":
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    policy = replace(spec.policy) if spec.policy is not None else None  # fresh state (RandomPolicy's generator)
+    cache = SPKVCache(model, policy=policy, sinks=spec.sinks)
+    cache.max_positions = None  # speed only: allow contexts beyond the model's trained positions
+    return cache
+
+
+@dataclass
+class DecodeRow:
+    """One (cache, context, batch) measurement. Times in ms, memory in bytes or MiB as named."""
+
+    cache: str
+    context: int
+    batch: int
+    status: str = "ok"  # ok | skipped: ... | error: ...
+    step_ms: float | None = None  # median over all timed steps
+    step_ms_repeat_means: list[float] = field(default_factory=list)
+    tokens_per_s: float | None = None  # batch / step time
+    speedup_vs_static: float | None = None  # static's step time / this one's (> 1: faster)
+    speedup_vs_dynamic: float | None = None
+    kv_bytes_held: int | None = None
+    kv_bytes_read: int | None = None
+    kv_bytes_full: int | None = None  # a full cache of the same tokens (reference)
+    density: float | None = None  # SP-KV caches: kept / decided out-of-window pairs
+    density_token_weighted: float | None = None
+    weight_bytes_read: int | None = None
+    predicted_ms: float | None = None  # (weight bytes + KV bytes read) / bandwidth
+    measured_over_predicted: float | None = None
+    fill: str = ""  # how the cache was filled: synthetic | model
+    fill_s: float | None = None  # seconds of the fill (for information)
+    row_peak_rss_delta_mib: float | None = None  # sampled peak RSS during this row - RSS before it
+    rss_peak_so_far_mib: float | None = None  # ru_maxrss: monotone over the process
+    beyond_model_positions: bool = False
+    prompt: str = ""
+
+
+def time_decode(model: torch.nn.Module, cache: Cache, token: torch.Tensor, warmup: int, steps: int, repeats: int) -> list[list[float]]:
+    """Seconds of each timed single-token step ([repeats][steps]); step = forward + greedy pick."""
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + steps * repeats):
+            start = time.perf_counter()
+            out = model(input_ids=token, **{CACHE_ARG: cache}, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times.append(elapsed)
+    return [times[r * steps:(r + 1) * steps] for r in range(repeats)]
+
+
+FILLS = ("synthetic", "model")
+
+
+def row_fill(s: DecodeSettings, spec: CacheSpec) -> str:
+    """The adapter's decisions need its predictors on real text: always model-filled."""
+    if s.fill not in FILLS:
+        raise ValueError(f"fill {s.fill!r}: choose from {', '.join(FILLS)}")
+    return "model" if spec.variant == "adapter" else s.fill
+
+
+def fill_cache(model: torch.nn.Module, cache: Cache, fill: str, ids: torch.Tensor | None, batch: int, context: int,
+               chunk: int) -> torch.Tensor:
+    """Fill `cache` with `context` tokens by `fill`; returns the token [B, 1] to decode from."""
+    if fill == "model":
+        return chunked_prefill(model, cache, ids, chunk)
+    return synthetic_fill(model, cache, batch, context, chunk)
+
+
+def expected_kv_bytes(s: DecodeSettings, spec: CacheSpec, model: torch.nn.Module, context: int, batch: int) -> float:
+    """KV bytes the row's cache is expected to hold at the end of the run (the memory budget's estimate)."""
+    element = next(model.parameters()).element_size()
+    full = full_kv_bytes(model.config, context + s.warmup + s.steps * s.repeats, batch, element)
+    window_share = min(1.0, s.window / context) if spec.variant != "base" else 0.0
+    return full * min(1.0, spec.kv_fraction + window_share)
+
+
+def skip_reason(s: DecodeSettings, spec: CacheSpec, pool: ModelPool, context: int, batch: int) -> str | None:
+    """Why a row will not run (None: it runs)."""
+    if spec.variant == "adapter" and not s.adapter:
+        return "skipped: no --adapter"
+    if row_fill(s, spec) != s.fill and context * batch > s.max_model_fill_tokens:
+        return (f"skipped: model fill too long (context x batch {context * batch} > "
+                f"--max-model-fill-tokens {s.max_model_fill_tokens})")
+    estimate = expected_kv_bytes(s, spec, pool.get(spec.variant), context, batch)
+    if estimate > s.max_kv_gib * GIB:
+        return f"skipped: memory (estimated KV {estimate / GIB:.1f} GiB > --max-kv-gib {s.max_kv_gib})"
+    return None
+
+
+def decode_row(s: DecodeSettings, spec: CacheSpec, pool: ModelPool, context: int, batch: int, bandwidth: float) -> DecodeRow:
+    """Fill a fresh cache with `context` tokens, then time single-token decode steps."""
+    row = DecodeRow(spec.name, context, batch, fill=row_fill(s, spec))
+    reason = skip_reason(s, spec, pool, context, batch)
+    if reason is not None:
+        row.status = reason
+        return row
+    extra = s.warmup + s.steps * s.repeats
+    model = pool.get(spec.variant)
+    element = next(model.parameters()).element_size()
+    row.beyond_model_positions = context + extra > (getattr(model.config, "max_position_embeddings", None) or math.inf)
+    ids, row.prompt = pool.prompt(context, batch) if row.fill == "model" else (None, "synthetic (random K/V)")
+    with RSSSampler() as rss:
+        cache = make_cache(spec, model, context + extra)
+        start = time.perf_counter()
+        token = fill_cache(model, cache, row.fill, ids, batch, context, s.prefill_chunk)
+        row.fill_s = time.perf_counter() - start
+        timed = time_decode(model, cache, token, s.warmup, s.steps, s.repeats)
+    all_steps = [t for rep in timed for t in rep]
+    row.step_ms = 1000 * statistics.median(all_steps)
+    row.step_ms_repeat_means = [1000 * statistics.fmean(rep) for rep in timed]
+    row.tokens_per_s = batch / (row.step_ms / 1000)
+    kv = kv_bytes(cache)
+    row.kv_bytes_held, row.kv_bytes_read = kv["held"], kv["read"]
+    row.kv_bytes_full = kv.get("full", full_kv_bytes(model.config, context + extra, batch, element))
+    row.density, row.density_token_weighted = kv.get("density"), kv.get("density_token_weighted")
+    row.weight_bytes_read = weight_bytes_read(model)
+    row.predicted_ms = 1000 * (row.weight_bytes_read + row.kv_bytes_read) / bandwidth
+    row.measured_over_predicted = row.step_ms / row.predicted_ms
+    row.row_peak_rss_delta_mib = rss.peak_delta_mib
+    row.rss_peak_so_far_mib = rss_peak_mib()
+    return row
+
+
+def _model_fill_flops(model: torch.nn.Module, context: int, batch: int) -> float:
+    """Rough FLOPs of a prefill of `context` tokens: weights + attention over the prefix (mean context / 2)."""
+    config = model.config.get_text_config(decoder=True)
+    _, head_dim = kv_head_shape(model)
+    attention = 4 * (context / 2) * config.num_attention_heads * head_dim * config.num_hidden_layers
+    return batch * context * (2 * weight_bytes(model) / next(model.parameters()).element_size() + attention)
+
+
+def estimate_decode(s: DecodeSettings, specs: list[CacheSpec], pool: ModelPool, bandwidth: float,
+                    plan: list[tuple[int, int, CacheSpec]]) -> dict[str, Any]:
+    """Rough run time, before starting: per row, fill + (warmup + steps x repeats) decode steps.
+
+    Calibrated here per kind of cache (dynamic, static, SP-KV per model variant) and batch size: a
+    synthetic fill of a short context (<= 512 tokens; the second of two, so first-call costs do not
+    count) and of a 4x longer one, each followed by 1 + 2 decode steps; model fill from one short
+    prefill (<= 256 tokens, batch 1) of the variant the rows use. Scaled to each row: synthetic fill
+    linearly in tokens x batch, plus the first touch of the memory the cache will hold (measured
+    separately: small calibration fills reuse freed memory, big caches fault in fresh pages); model
+    fill in FLOPs (weights + attention over the prefix); a step linearly in the KV bytes it reads,
+    through the two calibration points (at least 1 / bandwidth per byte); plus the per-row garbage
+    collection. Model loading is not counted."""
+    steps = s.warmup + s.steps * s.repeats
+    start = time.perf_counter()
+    gc.collect()
+    row_overhead = time.perf_counter() - start
+    touch_bytes = 256 * MIB
+    for _ in range(2):  # fresh pages each time (a large allocation is its own mapping)
+        start = time.perf_counter()
+        torch.zeros(touch_bytes // 4)
+        touch_rate = touch_bytes / (time.perf_counter() - start)
+    short = max(1, min(512, min(s.contexts)))
+    longer = max(short, min(4 * short, max(s.contexts)))
+    # (kind, batch) -> (fill s/token, step s at `short`, KV bytes read at `short`, step s per KV byte read)
+    calibrated: dict[tuple[str, int], tuple[float, float, float, float]] = {}
+    model_flops: dict[str, float] = {}  # variant -> model fill FLOP/s
+
+    def calibrate(spec: CacheSpec, model: torch.nn.Module, batch: int, context: int, repeat: int) -> tuple[float, float, float]:
+        for _ in range(repeat):
+            cache = make_cache(spec, model, context + 4)
+            start = time.perf_counter()
+            token = synthetic_fill(model, cache, batch, context, s.prefill_chunk)
+            fill_per_token = (time.perf_counter() - start) / (context * batch)
+        times = [t for rep in time_decode(model, cache, token, 1, 2, 1) for t in rep]
+        return fill_per_token, min(times), kv_bytes(cache)["read"]
+    rows = []
+    for context, batch, spec in plan:
+        reason = skip_reason(s, spec, pool, context, batch)
+        if reason is not None:
+            rows.append({"cache": spec.name, "context": context, "batch": batch, "fill_s": 0.0, "step_s": 0.0,
+                         "total_s": row_overhead})
+            continue
+        model, fill = pool.get(spec.variant), row_fill(s, spec)
+        kind = (spec.name if spec.variant == "base" else f"spkv:{spec.variant}", batch)
+        if kind not in calibrated:
+            per_token, step_short, read_short = calibrate(spec, model, batch, short, 2)
+            slope = 1 / bandwidth
+            if longer > short:
+                _, step_long, read_long = calibrate(spec, model, batch, longer, 1)
+                if read_long > 1.1 * read_short:
+                    slope = max(slope, (step_long - step_short) / (read_long - read_short))
+            calibrated[kind] = (per_token, step_short, read_short, slope)
+            gc.collect()
+        if fill == "model" and spec.variant not in model_flops:
+            n = max(1, min(256, s.prefill_chunk, min(s.contexts)))
+            ids = torch.randint(3, model.config.get_text_config(decoder=True).vocab_size, (1, n))
+            start = time.perf_counter()
+            chunked_prefill(model, make_cache(spec, model, n), ids, s.prefill_chunk)
+            model_flops[spec.variant] = _model_fill_flops(model, n, 1) / (time.perf_counter() - start)
+        per_token, step_s, kv_read, per_byte = calibrated[kind]
+        held = expected_kv_bytes(s, spec, model, context, batch)
+        if fill == "model":
+            fill_s = _model_fill_flops(model, context, batch) / model_flops[spec.variant]
+        else:
+            fill_s = per_token * context * batch
+        fill_s += held / touch_rate
+        step_s += max(0.0, held - kv_read) * per_byte
+        rows.append({"cache": spec.name, "context": context, "batch": batch, "fill_s": fill_s, "step_s": step_s,
+                     "total_s": fill_s + steps * step_s + row_overhead})
+    fill_total, total = sum(r["fill_s"] for r in rows), sum(r["total_s"] for r in rows)
+    return {"total_s": total, "fill_s": fill_total, "decode_s": total - fill_total, "rows": rows,
+            "longest_row": max(rows, key=lambda r: r["total_s"]) if rows else None}
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def estimate_line(s: DecodeSettings, estimate: dict[str, Any], rows: int) -> str:
+    longest = estimate["longest_row"]
+    line = (f"bench decode: {rows} rows ({s.fill} fill), estimated ~{_duration(estimate['total_s'])} "
+            f"(fill ~{_duration(estimate['fill_s'])}, decode steps ~{_duration(estimate['decode_s'])}; rough, model loading not counted)")
+    if longest and longest["total_s"] > 0:
+        line += (f"; longest row {longest['cache']} ctx={longest['context']} B={longest['batch']} "
+                 f"~{_duration(longest['total_s'])}")
+    return line
+
+
+def add_speedups(rows: list[DecodeRow]) -> None:
+    """speedup_vs_X = X's step time / this row's, for X measured at the same (context, batch)."""
+    ok = {(r.cache, r.context, r.batch): r for r in rows if r.status == "ok"}
+    for r in rows:
+        if r.status != "ok":
+            continue
+        for ref, attr in (("static", "speedup_vs_static"), ("dynamic", "speedup_vs_dynamic")):
+            base = ok.get((ref, r.context, r.batch))
+            if base is not None:
+                setattr(r, attr, base.step_ms / r.step_ms)
+
+
+def run_decode(s: DecodeSettings, progress: bool = True) -> dict[str, Any]:
+    """Every (context, batch, cache) row, in that order (small contexts first), plus the bandwidth."""
+    specs = [parse_cache(name) for name in s.caches]
+    with torch_threads(s.threads):
+        return _run_decode(s, specs, progress)
+
+
+def _run_decode(s: DecodeSettings, specs: list[CacheSpec], progress: bool) -> dict[str, Any]:
+    pool = ModelPool(s.model, DTYPES[s.dtype], s.window, s.adapter)
+    base = pool.get("base")
+    bandwidth = measure_bandwidth(s.bandwidth_mib)
+    plan = [(c, b, spec) for c in s.contexts for b in s.batch_sizes for spec in specs]
+    for spec in specs:
+        row_fill(s, spec)  # a bad --fill fails here, not in every row
+    estimate = estimate_decode(s, specs, pool, bandwidth["bytes_per_s"], plan)
+    if progress:
+        print(estimate_line(s, estimate, len(plan)), file=sys.stderr, flush=True)
+    run_start = time.perf_counter()
+    rows: list[DecodeRow] = []
+    bar = tqdm(plan, desc="bench decode", disable=not progress)
+    for context, batch, spec in bar:
+        bar.set_postfix_str(f"{spec.name} ctx={context} B={batch}")
+        try:
+            row = decode_row(s, spec, pool, context, batch, bandwidth["bytes_per_s"])
+        except Exception as error:  # record and go on: one failing row must not lose the others
+            row = DecodeRow(spec.name, context, batch, status=f"error: {type(error).__name__}: {error}")
+        rows.append(row)
+        gc.collect()
+    add_speedups(rows)
+    return {
+        "benchmark": "decode", "settings": asdict(s), "fill": s.fill, "threads": torch.get_num_threads(),
+        "model": model_info(base, s.model, s.dtype),
+        "bandwidth": bandwidth, "estimate": estimate, "wall_s": time.perf_counter() - run_start,
+        "rows": [asdict(r) for r in rows],
+        "notes": [
+            f"fill={s.fill}: " + ("caches filled with random K/V of the model's shapes through each cache's own "
+                                  "update/eviction, without running the model (spkv-adapter rows: model fill); "
+                                  "decode steps are real forwards." if s.fill == "synthetic" else
+                                  "caches filled by the model's chunked prefill over the prompt."),
+            "step_ms: median over warmup-free timed steps (repeats x steps); each step = one forward of [B, 1] + argmax.",
+            "kv_bytes_read: full caches read what they hold; SP-KV reads kept pairs + window. The dynamic cache "
+            "also copies itself on every append (torch.cat), so its real traffic is higher than counted.",
+            "rss_peak_so_far_mib is ru_maxrss, monotone over the process; row_peak_rss_delta_mib is sampled per row.",
+            "Rows with beyond_model_positions=true run past the model's trained positions: speed only.",
+        ],
+    }
+
+
+def decode_markdown(result: dict[str, Any]) -> str:
+    m, bw = result["model"], result["bandwidth"]
+    lines = [
+        f"# Decode benchmark: {m['name']} ({m['dtype']}), {result['settings'].get('fill', 'model')} fill", "",
+        f"Bandwidth (copy of {bw['copy_mib']} MiB): {bw['bytes_per_s'] / GIB:.2f} GiB/s; "
+        f"weight bytes read per step: {m['weight_bytes_read_per_step'] / MIB:.1f} MiB; "
+        f"window {result['settings']['window']}; torch threads {result['threads']}; command: `{result.get('provenance', {}).get('command', '')}`", "",
+        *([f"Run time {_duration(result['wall_s'])} (estimated beforehand ~{_duration(result['estimate']['total_s'])})", ""]
+          if "wall_s" in result and "estimate" in result else []),
+        "| cache | context | batch | fill | fill s | step ms | tok/s | vs static | vs dynamic | KV held MiB | KV read MiB "
+        "| density | predicted ms | measured/predicted | row peak RSS +MiB | peak RSS so far MiB | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['cache']} | {r['context']} | {r['batch']} | {r.get('fill', '')} | {_num(r.get('fill_s'))} | {_num(r['step_ms'])} | {_num(r['tokens_per_s'], '.1f')} "
+            f"| {_num(r['speedup_vs_static'])} | {_num(r['speedup_vs_dynamic'])} | {_mib(r['kv_bytes_held'])} "
+            f"| {_mib(r['kv_bytes_read'])} | {_num(r['density'], '.3f')} | {_num(r['predicted_ms'])} "
+            f"| {_num(r['measured_over_predicted'])} | {_num(r['row_peak_rss_delta_mib'], '.0f')} "
+            f"| {_num(r['rss_peak_so_far_mib'], '.0f')} | {r['status']}{' (beyond model positions)' if r['beyond_model_positions'] else ''} |"
+        )
+    lines += ["", *(f"- {n}" for n in result["notes"]), ""]
+    return "\n".join(lines)
+
+
+def plot_decode(result: dict[str, Any], out: Path) -> list[Path]:
+    """decode.png (step time vs context) and decode_memory.png (KV bytes held vs context), log-log,
+    one line per cache and one panel per batch size."""
+    plt = pyplot()
+    rows = [r for r in result["rows"] if r["status"] == "ok"]
+    batches = result["settings"]["batch_sizes"]
+    paths = []
+    for key, ylabel, name, scale in (("step_ms", "decode step (ms)", "decode.png", 1.0),
+                                     ("kv_bytes_held", "KV bytes held (MiB)", "decode_memory.png", 1 / MIB)):
+        fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.2), squeeze=False)
+        for ax, batch in zip(axes[0], batches):
+            for i, cache in enumerate(result["settings"]["caches"]):
+                pts = sorted((r["context"], r[key] * scale) for r in rows if r["cache"] == cache and r["batch"] == batch)
+                if pts:  # line styles tell apart caches whose points coincide (dynamic and static bytes)
+                    ax.plot(*zip(*pts), marker="os^vD<>"[i % 7], linestyle=("-", "--", ":", "-.")[i % 4], label=cache)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("context (tokens)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{result['model']['name']}, batch {batch}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / name
+        save_figure(fig, path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_decode(result: dict[str, Any], out: str | os.PathLike) -> dict[str, Path]:
+    """decode.json (with provenance), decode.md, decode.png and decode_memory.png under `out`."""
+    out = Path(out)
+    result = {**result, "provenance": result.get("provenance") or provenance()}
+    json_path = write_json(out / "decode.json", result)
+    md_path = atomic_write_text(out / "decode.md", decode_markdown(result))
+    png, mem_png = plot_decode(result, out)
+    return {"json": json_path, "md": md_path, "png": png, "memory_png": mem_png}
+
+

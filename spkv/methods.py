@@ -1,0 +1,47 @@
+"""Which cache a method decodes with: `dense` (keep every pair), `spkv` (the model's predictor) or a
+scoring policy by name (spkv.policies). The one mapping the evaluations and benchmarks share."""
+
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache
+
+from spkv.cache import SPKVCache
+
+
+@dataclass
+class Method:
+    """`dense` (keep every pair), `spkv` (the model's predictor) or a policy name from spkv.policies."""
+
+    name: str
+    threshold: float | None = None  # None: spkv follows the model's tau; policies their default
+    sinks: int | None = None  # None: spkv the model's (0), policies 4, dense 0
+
+    @property
+    def label(self) -> str:
+        return self.name if self.threshold is None else f"{self.name} (tau={self.threshold:g})"
+
+
+def cache_factory(model: torch.nn.Module, method: Method) -> Callable[[], Cache | None]:
+    """A fresh cache per sample (policies with state, e.g. random, restart each time)."""
+    from spkv.convert import is_converted
+    from spkv.policies import POLICIES, KeepAll, SPKVPolicy
+
+    if not is_converted(model):
+        if method.name != "dense":
+            raise ValueError(f"Method {method.name!r} needs an SP-KV model (spkv.convert or spkv.load_adapter).")
+        return lambda: None
+    if method.name == "dense":
+        return lambda: SPKVCache(model, policy=KeepAll(), sinks=method.sinks or 0)
+    if method.name == "spkv":
+        return lambda: SPKVCache(model, policy=SPKVPolicy(threshold=method.threshold), sinks=method.sinks)
+    if method.name not in POLICIES:
+        raise ValueError(f"Unknown method {method.name!r}: use dense, spkv or one of {', '.join(sorted(POLICIES))}")
+    cls = POLICIES[method.name]
+    kwargs = {} if method.threshold is None else {"threshold": method.threshold}
+    sinks = 4 if method.sinks is None else method.sinks
+    return lambda: SPKVCache(model, policy=cls(**kwargs), sinks=sinks)
