@@ -30,3 +30,9 @@ def output_cache(output: Any) -> Cache | None:
         if getattr(output, name, None) is not None:
             return getattr(output, name)
     return None
+
+
+def cache_kwarg(cache: Cache | None) -> dict[str, Cache]:
+    """`model(ids, **cache_kwarg(cache))`: the cache under the name this transformers wants (`cache=`
+    from 5.24, `past_key_values=` before); {} for None."""
+    return {} if cache is None else {CACHE_ARG: cache}
