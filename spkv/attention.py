@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from spkv.compat import register_attention, sdpa_attention_forward
 from spkv.config import SPKVConfig
 
 ATTN_IMPLEMENTATION = "spkv"
@@ -208,7 +206,8 @@ def spkv_attention_forward(
     if spkv_gate_logits.shape[1] != tk:
         raise RuntimeError(
             f"SP-KV layer {module.layer_idx}: {tk} keys but gates for {spkv_gate_logits.shape[1]} tokens. "
-            "A converted model must decode with spkv's compressed cache, not a plain transformers cache."
+            "A converted model must decode with spkv's compressed cache, not a plain transformers cache: pass "
+            "cache=spkv.SPKVCache(model) (or leave SPKVConfig.auto_cache on)."
         )
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
@@ -224,5 +223,4 @@ def spkv_attention_forward(
 
 def register() -> None:
     """Make "spkv" a valid attn_implementation (idempotent)."""
-    AttentionInterface.register(ATTN_IMPLEMENTATION, spkv_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    register_attention(ATTN_IMPLEMENTATION, spkv_attention_forward)

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import (
-    DYNAMIC_LAYER_TYPE_MAPPING,
-    Cache,
-    CacheLayerMixin,
-    DynamicCache,
-    get_layer_types_and_kwargs,
-)
 
 from spkv.attention import window_bias
-from spkv.compat import cache_argument
+from spkv.compat import (
+    Cache,
+    CacheLayerMixin,
+    cache_argument,
+    default_layers,
+    is_generate_default_cache,
+)
 from spkv.config import SPKVConfig
 from spkv.policies import ScoringPolicy, SPKVPolicy
 from spkv.store import PagedStore, page_size
@@ -241,10 +240,9 @@ class SPKVCache(Cache):
         self.window = config.window
         self.sinks = config.sinks if sinks is None else sinks
         text_config = model.config.get_text_config(decoder=True)
-        types, kwargs = get_layer_types_and_kwargs(text_config)
         layers = [
-            SPKVLayer(i, config.window, self.policy, self.sinks) if i in config.layers else DYNAMIC_LAYER_TYPE_MAPPING[t](**kw)
-            for i, (t, kw) in enumerate(zip(types, kwargs))
+            SPKVLayer(i, config.window, self.policy, self.sinks) if i in config.layers else make()
+            for i, make in enumerate(default_layers(text_config))
         ]
         super().__init__(layers=layers)
         self.max_positions = getattr(text_config, "max_position_embeddings", None)
@@ -283,15 +281,15 @@ def default_cache_hook(model: torch.nn.Module, args: tuple, kwargs: dict) -> tup
     """Model-level pre-hook: inference (and generate) get an SPKVCache without extra arguments.
 
     Replaces a missing cache, or the empty DynamicCache that generate() makes, when the model is in
-    eval mode and the hard (inference) phase; a cache the user passed is left alone.
+    eval mode and the hard (inference) phase; a cache the user passed is left alone. Off with
+    SPKVConfig.auto_cache=False: then only an SPKVCache passed explicitly compresses (the robust path).
     """
     name, cache = cache_argument(kwargs)
     use_cache = kwargs.get("use_cache")
     use_cache = model.config.use_cache if use_cache is None else use_cache
-    fresh = cache is None or (
-        type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False) and cache.get_seq_length() == 0
-    )
-    if fresh and use_cache and not model.training and model.spkv_config.phase == "hard":
+    fresh = cache is None or is_generate_default_cache(cache)
+    config = model.spkv_config
+    if fresh and use_cache and config.auto_cache and not model.training and config.phase == "hard":
         cache = SPKVCache(model)
         kwargs[name] = cache
     if isinstance(cache, SPKVCache):

@@ -23,6 +23,8 @@ class SPKVConfig:
         pretrained model's behaviour.
     layers: indices of gated layers; None means every full-attention layer.
     sinks: number of first tokens always kept (0 for SP-KV; the post-hoc baselines use 4).
+    auto_cache: in eval mode, swap the empty cache generate() (or a plain forward) would use for an
+        SPKVCache. False: only an SPKVCache passed explicitly (`cache=SPKVCache(model)`) compresses.
     """
 
     window: int = 128
@@ -33,6 +35,7 @@ class SPKVConfig:
     bias_init: float = 5.0
     layers: list[int] | None = None
     sinks: int = 0
+    auto_cache: bool = True
 
     def __post_init__(self) -> None:
         _check(isinstance(self.window, int) and self.window >= 1, "window", "an integer >= 1", self.window)
@@ -42,6 +45,7 @@ class SPKVConfig:
         _check(isinstance(self.predictor_hidden, int) and self.predictor_hidden >= 1, "predictor_hidden", "an integer >= 1", self.predictor_hidden)
         _check(_is_number(self.bias_init) and abs(self.bias_init) < 1e4, "bias_init", "a finite number", self.bias_init)
         _check(isinstance(self.sinks, int) and self.sinks >= 0, "sinks", "an integer >= 0", self.sinks)
+        _check(isinstance(self.auto_cache, bool), "auto_cache", "True or False", self.auto_cache)
         if self.layers is not None:
             ok = all(isinstance(i, int) and i >= 0 for i in self.layers) and len(set(self.layers)) == len(self.layers)
             _check(ok and len(self.layers) > 0, "layers", "None or a non-empty list of distinct layer indices >= 0", self.layers)

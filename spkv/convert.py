@@ -16,7 +16,7 @@ from torch import nn
 
 from spkv import attention
 from spkv.cache import SPKVCache, default_cache_hook
-from spkv.compat import cache_argument
+from spkv.compat import cache_argument, decoder_layers
 from spkv.config import SPKVConfig
 from spkv.predictor import UtilityPredictor
 
@@ -35,8 +35,8 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
             f"Supported: {', '.join(SUPPORTED_MODEL_TYPES)} (causal LM classes, e.g. LlamaForCausalLM, "
             "Gemma3ForCausalLM for Gemma 3 text)."
         )
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
+    layers = decoder_layers(model)
+    if layers is None:
         raise ValueError(f"{type(model).__name__} has no `model.layers`: pass the *ForCausalLM model, not its backbone.")
     return layers
 
@@ -55,7 +55,7 @@ def full_attention_layers(hf_config: Any) -> list[int]:
 def predictors(model: nn.Module) -> dict[int, UtilityPredictor]:
     """layer index -> predictor of every gated layer."""
     out = {}
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(decoder_layers(model) or []):
         p = getattr(layer.self_attn, "spkv_predictor", None)
         if p is not None:
             out[i] = p

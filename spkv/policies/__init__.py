@@ -1,22 +1,16 @@
-"""Scoring policies: which pairs leaving the window the cache keeps. One small module per method;
-a new module in this package registers itself by its `name`."""
+"""Scoring policies: which pairs leaving the window the cache keeps. One small module per method,
+each registered in POLICIES by its `name` with @register_policy."""
 
-import importlib
-import pkgutil
+from spkv.policies.base import POLICIES, ScoringPolicy, register_policy
+from spkv.policies.expected_attention import ExpectedAttention
+from spkv.policies.h2o import H2O
+from spkv.policies.keep_all import KeepAll
+from spkv.policies.key_norm import KeyNorm
+from spkv.policies.kvzap import KVzap
+from spkv.policies.random import RandomPolicy
+from spkv.policies.spkv import SPKVPolicy
+from spkv.policies.streaming import StreamingLLM
+from spkv.policies.tova import TOVA
 
-from .base import POLICIES, ScoringPolicy
-
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
-
-from .expected_attention import ExpectedAttention  # noqa: E402
-from .h2o import H2O  # noqa: E402
-from .keep_all import KeepAll  # noqa: E402
-from .key_norm import KeyNorm  # noqa: E402
-from .kvzap import KVzap  # noqa: E402
-from .random import RandomPolicy  # noqa: E402
-from .spkv import SPKVPolicy  # noqa: E402
-from .streaming import StreamingLLM  # noqa: E402
-from .tova import TOVA  # noqa: E402
-
-__all__ = ["ExpectedAttention", "H2O", "KVzap", "KeepAll", "KeyNorm", "POLICIES", "RandomPolicy", "SPKVPolicy", "ScoringPolicy", "StreamingLLM", "TOVA"]
+__all__ = ["ExpectedAttention", "H2O", "KVzap", "KeepAll", "KeyNorm", "POLICIES", "RandomPolicy", "SPKVPolicy", "ScoringPolicy",
+           "StreamingLLM", "TOVA", "register_policy"]

@@ -15,6 +15,20 @@ import torch
 POLICIES: dict[str, type["ScoringPolicy"]] = {}
 
 
+def register_policy(cls: type["ScoringPolicy"]) -> type["ScoringPolicy"]:
+    """Class decorator: list a policy in POLICIES under its own `name`.
+
+    Explicit, so a subclass made for a variant is not registered by accident, and checked: a class
+    that does not set its own `name` (it would replace its parent) or reuses a taken name raises."""
+    if "name" not in vars(cls):
+        raise TypeError(f"{cls.__name__} must set its own `name` to be registered (it inherits {cls.name!r}).")
+    taken = POLICIES.get(cls.name)
+    if taken is not None and taken.__qualname__ != cls.__qualname__:
+        raise TypeError(f"Policy name {cls.name!r} is taken by {taken.__name__}; choose another name for {cls.__name__}.")
+    POLICIES[cls.name] = cls
+    return cls
+
+
 @dataclass
 class ScoringPolicy:
     """Base class. `threshold=None` means "the model's SP-KV threshold" (only SP-KV uses that)."""
@@ -26,10 +40,6 @@ class ScoringPolicy:
     needs_attention: ClassVar[bool] = False
     # True when the score depends on the recent queries (observe_queries); final when the pair leaves.
     needs_queries: ClassVar[bool] = False
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        POLICIES[cls.name] = cls
 
     def score_new(self, keys: torch.Tensor, values: torch.Tensor, gate_logits: torch.Tensor | None) -> torch.Tensor:
         """keys, values [B, Hkv, n, D]; gate_logits [B, n, Hkv] or None -> scores [B, Hkv, n]."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import ScoringPolicy
+from spkv.policies.base import ScoringPolicy, register_policy
 
 
+@register_policy
 @dataclass
 class KeyNorm(ScoringPolicy):
     name = "key_norm"

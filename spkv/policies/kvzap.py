@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import ScoringPolicy
+from spkv.policies.base import ScoringPolicy, register_policy
 
 
+@register_policy
 @dataclass
 class KVzap(ScoringPolicy):
     name = "kvzap"

@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import ScoringPolicy
+from spkv.policies.base import ScoringPolicy, register_policy
 
 
+@register_policy
 @dataclass
 class RandomPolicy(ScoringPolicy):
     name = "random"

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ScoringPolicy
+from spkv.policies.base import ScoringPolicy, register_policy
 
 
+@register_policy
 @dataclass
 class SPKVPolicy(ScoringPolicy):
     threshold: float | None = None  # None: follow the model's tau (spkv.set_threshold)
