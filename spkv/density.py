@@ -43,3 +43,21 @@ def gate_density(
         kept_rows.append((weight * counted.unsqueeze(-1)).sum(dim=(0, 1)))
         counted_rows.append(counted.sum().expand(logits.shape[-1]).float())
     return torch.stack(kept_rows), torch.stack(counted_rows)
+
+
+def mean_density(kept: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """The paper's density: kept / counted per (layer, KV head), then the mean over layers and heads."""
+    return (kept / counted.clamp(min=1)).mean()
+
+
+def forward_with_density(model: torch.nn.Module, input_ids: torch.Tensor, **kwargs) -> tuple[object, torch.Tensor, torch.Tensor]:
+    """One full-sequence forward of a converted model (no cache) and its gates' (kept, counted) per
+    [layer, Hkv] at the model's tau, window and sinks: the one way every evaluation measures the
+    density of a forward. A padded batch would count padding as decided pairs: use batch size 1."""
+    from spkv.convert import record_gates
+
+    cfg = model.spkv_config
+    with record_gates(model) as gates:
+        output = model(input_ids=input_ids, use_cache=False, **kwargs)
+    kept, counted = gate_density(gates, cfg.threshold, cfg.window, sinks=cfg.sinks)
+    return output, kept, counted

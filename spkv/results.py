@@ -12,25 +12,34 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 
-def atomic_write_text(path: str | os.PathLike, text: str | Iterable[str]) -> Path:
-    """Write via a temporary file in the same folder and rename: readers never see half a file.
-
-    `text` may be one string or an iterable of chunks (streamed, for large files)."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """The one atomic write: `write(tmp)` fills a temporary file in the same folder, which is then
+    renamed over `path`, so readers (and a resumed run) never see half a file. The temporary name
+    keeps the suffix, for writers that pick the format from it (savefig)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines([text] if isinstance(text, str) else text)
+        write(Path(tmp))
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str | Iterable[str]) -> Path:
+    """Atomic UTF-8 text; `text` may be one string or an iterable of chunks (streamed, for large files)."""
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.writelines([text] if isinstance(text, str) else text)
+
+    return atomic_write(path, write)
 
 
 @functools.cache
@@ -79,13 +88,8 @@ def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
 
 
 def save_figure(fig: Any, path: str | os.PathLike) -> Path:
-    """Atomic PNG write (a temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+    """Atomic PNG write."""
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
 
 
 def pyplot() -> Any:

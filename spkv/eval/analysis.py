@@ -14,9 +14,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from spkv.convert import record_gates
 from spkv.data.heldout import tokenized_heldout
-from spkv.density import gate_density
+from spkv.density import forward_with_density, mean_density
 from spkv.results import pyplot, save_figure
 
 
@@ -50,11 +49,9 @@ def analyze(model: torch.nn.Module, docs: list[tuple[str, list[int]]]) -> dict[s
     per_doc, kept_sum, counted_sum = [], 0, 0
     with torch.no_grad():
         for doc_id, ids in tqdm(docs, desc="analyze", unit="doc"):
-            with record_gates(model) as gates:
-                model(input_ids=torch.tensor([ids]), use_cache=False)
-            kept, counted = gate_density(gates, cfg.threshold, cfg.window, sinks=cfg.sinks)
+            _, kept, counted = forward_with_density(model, torch.tensor([ids]))
             kept_sum, counted_sum = kept_sum + kept, counted_sum + counted
-            per_doc.append({"doc_id": doc_id, "length": len(ids), "density": float((kept / counted.clamp(min=1)).mean()),
+            per_doc.append({"doc_id": doc_id, "length": len(ids), "density": float(mean_density(kept, counted)),
                             "density_token_weighted": float(kept.sum() / counted.sum().clamp(min=1))})
     per_head = kept_sum / counted_sum.clamp(min=1)
     lengths = [math.log2(d["length"]) for d in per_doc]

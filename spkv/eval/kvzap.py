@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from spkv.convert import _decoder_layers, predictors
+from spkv.results import atomic_write
 
 _EPS = 1e-6  # floor of the attention target before the log
 
@@ -139,11 +140,7 @@ def installed(model: nn.Module, regressors: dict[int, KVzapRegressor]) -> Iterat
 
 def save_regressors(regressors: dict[int, KVzapRegressor], path: str | Path, metadata: dict[str, Any]) -> None:
     tensors = {f"{i}.{k}": v.contiguous() for i, reg in regressors.items() for k, v in reg.linear.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()}))
 
 
 def regressors_metadata(path: str | Path) -> dict[str, str]:

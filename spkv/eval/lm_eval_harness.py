@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from spkv.convert import is_converted, record_gates
-from spkv.density import gate_density
+from spkv.convert import is_converted
+from spkv.density import forward_with_density
 
 
 @dataclass
@@ -52,11 +52,10 @@ def _hflm_class() -> type:
         def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
             if attn_mask is not None or labels is not None or not is_converted(self.model):
                 return super()._model_call(inps, attn_mask, labels)
-            cfg = self.model.spkv_config
-            with torch.no_grad(), record_gates(self.model) as gates:
-                logits = self.model(inps, use_cache=False).logits
+            with torch.no_grad():
+                output, kept, counted = forward_with_density(self.model, inps)
+            logits = output.logits
             if inps.shape[0] == 1:  # padded batches would count padding as decided pairs
-                kept, counted = gate_density(gates, cfg.threshold, cfg.window, sinks=cfg.sinks)
                 self.kept = kept if self.kept is None else self.kept + kept
                 self.counted = counted if self.counted is None else self.counted + counted
             return logits

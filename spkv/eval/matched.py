@@ -11,7 +11,6 @@ token-by-token run on a sample, and that error is part of the result.
 from __future__ import annotations
 
 import hashlib
-import math
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from spkv.data.heldout import HeldoutSet
 from spkv.eval.calibrate import UNMATCHED, MatchSettings, calibrate, decides_late
 from spkv.eval.nll import nll_full_sequence, nll_with_policy
+from spkv.eval.stats import paired_dnll
 from spkv.policies import POLICIES, ScoringPolicy
 
 
@@ -66,12 +66,9 @@ def chunking_error(model: torch.nn.Module, sample: HeldoutSet, policy: ScoringPo
 
 def add_dnll(rows: list[dict[str, Any]], reference: dict[str, Any], base: dict[str, Any]) -> None:
     """dNLL% vs the reference and the base model, with the paired standard error over documents."""
-    ref = reference["nll_per_sequence"]
     for r in rows:
-        diffs = [100 * (a - b) / reference["nll"] for a, b in zip(r["nll_per_sequence"], ref)]
-        mean = sum(diffs) / len(diffs)
         r["dnll_pct"] = 100 * (r["nll"] - reference["nll"]) / reference["nll"]
-        r["dnll_pct_stderr"] = math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1) / len(diffs))
+        r["dnll_pct_stderr"] = paired_dnll(r["nll_per_sequence"], reference["nll_per_sequence"], reference["nll"])[1]
         r["dnll_pct_vs_base"] = 100 * (r["nll"] - base["nll"]) / base["nll"]
 
 

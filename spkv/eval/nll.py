@@ -17,9 +17,10 @@ from tqdm import tqdm
 
 from spkv.cache import SPKVCache
 from spkv.compat import CACHE_ARG
-from spkv.convert import is_converted, record_gates
+from spkv.convert import is_converted
 from spkv.data.heldout import HeldoutSet
-from spkv.density import gate_density
+from spkv.density import forward_with_density, mean_density
+from spkv.eval.stats import paired_dnll, stderr
 from spkv.policies import ScoringPolicy
 from spkv.stats import cache_stats
 
@@ -41,9 +42,7 @@ class NLLResult:
 
     @property
     def stderr(self) -> float:
-        n = len(self.nll_per_sequence)
-        mean = self.nll
-        return math.sqrt(sum((x - mean) ** 2 for x in self.nll_per_sequence) / max(1, n - 1) / n)
+        return stderr(self.nll_per_sequence)
 
 
 def nll_full_sequence(model: torch.nn.Module, data: HeldoutSet, desc: str = "eval") -> NLLResult:
@@ -54,11 +53,9 @@ def nll_full_sequence(model: torch.nn.Module, data: HeldoutSet, desc: str = "eva
         for row in tqdm(data.input_ids, desc=desc, unit="seq", leave=False):
             ids = row.unsqueeze(0)
             if converted:
-                cfg = model.spkv_config
-                with record_gates(model) as gates:
-                    logits = model(input_ids=ids, use_cache=False).logits
-                kept, counted = gate_density(gates, cfg.threshold, cfg.window, sinks=cfg.sinks)
-                dens_seq.append(float((kept / counted.clamp(min=1)).mean()))
+                output, kept, counted = forward_with_density(model, ids)
+                logits = output.logits
+                dens_seq.append(float(mean_density(kept, counted)))
                 kept_sum, counted_sum = kept_sum + kept, counted_sum + counted
             else:
                 logits = model(input_ids=ids, use_cache=False).logits
@@ -133,13 +130,7 @@ def threshold_sweep(model_name: str, adapter: str, control: str | None, threshol
 
 def paired_dnll_stderr(rows: list[dict[str, Any]], reference: dict[str, Any]) -> list[float]:
     """Standard error of dNLL% from per-document paired differences (same documents for every method)."""
-    ref = reference["nll_per_sequence"]
-    out = []
-    for r in rows:
-        diffs = [100 * (a - b) / reference["nll"] for a, b in zip(r["nll_per_sequence"], ref)]
-        mean = sum(diffs) / len(diffs)
-        out.append(math.sqrt(sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1) / len(diffs)))
-    return out
+    return [paired_dnll(r["nll_per_sequence"], reference["nll_per_sequence"], reference["nll"])[1] for r in rows]
 
 
 def sweep_markdown(result: dict[str, Any]) -> str:

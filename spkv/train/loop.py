@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -30,8 +29,8 @@ from spkv.adapter import save_adapter
 from spkv.config import SPKVConfig
 from spkv.convert import convert, predictors, record_gates, update_config
 from spkv.data.corpus import default_corpus
-from spkv.density import gate_density
-from spkv.results import atomic_write_text
+from spkv.density import gate_density, mean_density
+from spkv.results import atomic_write, atomic_write_text
 from spkv.train.config import LORA_TARGETS, TrainConfig
 from spkv.train.schedule import density_penalty, density_target_at, lr_factor, phase_at
 
@@ -53,10 +52,7 @@ def packed_sequences(cfg: TrainConfig, tokenizer: Any, cache_dir: Path) -> torch
     if not seqs:
         raise ValueError(f"No full {cfg.seq_len}-token sequence in {paths}: give more text or a shorter --seq-len")
     data = torch.tensor(seqs, dtype=torch.int32)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, cached)
+    atomic_write(cached, lambda tmp: torch.save(data, tmp))
     return data
 
 
@@ -129,9 +125,7 @@ def save_checkpoint(path: Path, model, optimizer, step: int, cfg: TrainConfig) -
         "step": step, "config": dataclasses.asdict(cfg), "model": _trainable_state(model), "optimizer": optimizer.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path, model, optimizer, cfg: TrainConfig) -> int:
@@ -165,10 +159,10 @@ def step_loss(cfg: TrainConfig, model, teacher, input_ids: torch.Tensor, step: i
     loss, stats = out.loss, {"ce": out.loss.item()}
     if gates:
         kept, counted = gate_density(gates, cfg.threshold, cfg.window)
-        stats["density"] = float((kept / counted.clamp(min=1)).mean())
+        stats["density"] = float(mean_density(kept, counted))
         if cfg.density_weight and core.spkv_config.phase == "soft":
             soft_kept, soft_counted = gate_density(gates, cfg.threshold, cfg.window, soft=True)
-            soft_density = (soft_kept / soft_counted.clamp(min=1)).mean()
+            soft_density = mean_density(soft_kept, soft_counted)
             loss = loss + density_penalty(cfg, soft_density, step)
             stats["soft_density"], stats["density_target"] = float(soft_density.detach()), density_target_at(cfg, step)
     if teacher is not None:
