@@ -156,9 +156,9 @@ def _max_new_tokens(args: argparse.Namespace) -> int | None:
 
 def cmd_eval_tasks(args: argparse.Namespace) -> None:
     from spkv.eval.tasks import runner
-    from spkv.eval.tasks.report import tasks_markdown
     from spkv.results import PartialRun, atomic_write_text
 
+    references = _task_references(args.reference)
     methods = runner.parse_methods(args.methods, args.method_thresholds, calibrated=args.match_density is not None)
     model, tokenizer = _load(argparse.Namespace(model=args.model, adapter=args.adapter, threshold=None))
     out = Path(args.out)
@@ -172,7 +172,7 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
             max_new_tokens=max_new, heldout=args.heldout, sequences=args.calibration_sequences, resume=args.resume)
         methods = runner.with_calibration(methods, calibration)
     run = PartialRun(out, "tasks")
-    head = {"model": args.model, "adapter": args.adapter, "calibration": calibration}
+    head = {"model": args.model, "adapter": args.adapter, "calibration": calibration, "references": args.reference or []}
     result = runner.run_methods(
         model, tokenizer, methods, lengths=args.lengths or ([512] if args.quick else runner.DEFAULT_LENGTHS),
         tasks=tasks, samples_per_cell=args.samples or (1 if args.quick else 4), seed=args.seed,
@@ -180,9 +180,35 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
         resume=runner.resume_from(run.earlier()) if args.resume else None,
         save=lambda partial_result: run.save({**head, **partial_result}),
     )
-    table = tasks_markdown({**head, **result})
+    table = _task_table({**head, **result}, references)
     atomic_write_text(out / "tasks.md", table)
     run.finish({**head, **result})
+    print(table)
+
+
+def _task_references(specs: list[str] | None) -> dict[str, tuple[dict, dict]]:
+    from spkv.eval.tasks.report import load_reference
+
+    return {name: (result, run) for name, result, run in map(load_reference, specs or [])}
+
+
+def _task_table(result: dict, references: dict[str, tuple[dict, dict]]) -> str:
+    from spkv.eval.tasks.report import check_comparable, tasks_markdown
+
+    for name, (ref_result, _) in references.items():
+        check_comparable(result, ref_result, name)
+    return tasks_markdown(result, {name: run for name, (_, run) in references.items()})
+
+
+def cmd_eval_tasks_report(args: argparse.Namespace) -> None:
+    from spkv.results import atomic_write_text
+
+    path = Path(args.result)
+    if not path.is_file():
+        raise FileNotFoundError(f"No task result at {path}: run `spkv eval tasks` first.")
+    result = json.loads(path.read_text())
+    table = _task_table(result, _task_references(args.reference or result.get("references")))
+    atomic_write_text(Path(args.out) if args.out else path.with_suffix(".md"), table)
     print(table)
 
 
@@ -363,7 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--resume", action="store_true", help="reuse the samples of an earlier run with the same settings "
                     "(OUT/tasks.partial.json, else OUT/tasks.json): an interrupted run continues, --samples can grow")
     et.add_argument("--out", default="results/tasks")
+    et.add_argument("--reference", nargs="+", metavar="NAME=FILE[:LABEL]",
+                    help="also report retention against another run's method (default its dense one), e.g. "
+                         "base=results/tasks/gemma3/tasks.json; the runs must share task settings")
     et.set_defaults(func=cmd_eval_tasks)
+    etr = esub.add_parser("tasks-report", help="the task table of a finished (or partial) run, with intervals and references")
+    etr.add_argument("--result", required=True, help="tasks.json (or tasks.partial.json) of spkv eval tasks")
+    etr.add_argument("--reference", nargs="+", metavar="NAME=FILE[:LABEL]", help="as for spkv eval tasks (default: the run's own)")
+    etr.add_argument("--out", help="markdown file (default: the result's name with .md)")
+    etr.set_defaults(func=cmd_eval_tasks_report)
     el = esub.add_parser("lm-eval", help="lm-evaluation-harness tasks on the SP-KV model (needs the tasks' datasets)")
     _add_model_args(el)
     el.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. hellaswag,arc_easy")

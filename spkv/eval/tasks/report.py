@@ -1,9 +1,20 @@
-"""The task suite's tables: score per method x task x length, means, retention."""
+"""The task suite's tables: score per method x task x length with 95% intervals, and retention
+against the run's own dense method and against any reference runs (e.g. the untouched base model).
 
+Intervals: a cell's score is a mean of per-sample string-match scores, so its interval is Wilson's
+for a proportion (partial matches count fractionally). Means over cells and retention are
+bootstrapped over samples; retention pairs each sample with the reference's sample of the same
+(task, length, index), which is the same prompt when both runs used the same tokenizer, seed and
+task settings (checked).
+"""
 
 from __future__ import annotations
 
 from typing import Any
+
+from spkv.eval.stats import bootstrap_interval, wilson_interval
+
+Key = tuple[str, int, int]  # (task, length, index)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -11,56 +22,126 @@ def _mean(values: list[float]) -> float | None:
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (task, length): mean score, mean density (over samples that have one), mean prompt tokens."""
+    """Per (task, length): mean score with its Wilson interval, mean density (over samples that have
+    one), mean prompt tokens."""
     cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in rows:
         cells.setdefault((r["task"], r["length"]), []).append(r)
-    return [
-        {"task": task, "length": length, "n": len(rs), "score": _mean([r["score"] for r in rs]),
-         "density": _mean([r["density"] for r in rs if r["density"] is not None]),
-         "prompt_tokens": _mean([r["prompt_tokens"] for r in rs])}
-        for (task, length), rs in cells.items()
-    ]
+    out = []
+    for (task, length), rs in cells.items():
+        scores = [r["score"] for r in rs]
+        out.append({"task": task, "length": length, "n": len(rs), "score": _mean(scores),
+                    "score_ci": list(wilson_interval(sum(scores), len(scores))),
+                    "density": _mean([r["density"] for r in rs if r["density"] is not None]),
+                    "prompt_tokens": _mean([r["prompt_tokens"] for r in rs])})
+    return out
+
+
+def sample_scores(run: dict[str, Any], length: int | str = "all") -> dict[Key, float]:
+    """A method's per-sample scores, by (task, length, index), at one length or all."""
+    return {(s["task"], s["length"], s["index"]): s["score"] for s in run["samples"] if length in ("all", s["length"])}
+
+
+def mean_with_ci(scores: dict[Key, float]) -> tuple[float | None, tuple[float, float] | None]:
+    """Mean score over samples and its bootstrap 95% interval."""
+    if not scores:
+        return None, None
+    values = list(scores.values())
+    return _mean(values), bootstrap_interval([values], lambda g: sum(g[0]) / len(g[0]))
+
+
+def retention(run: dict[str, Any], reference: dict[str, Any], length: int | str = "all") -> tuple[float, tuple[float, float]] | None:
+    """Mean score / the reference's mean score on the same samples, with a paired bootstrap 95%
+    interval; None when they share no sample or the reference scores 0."""
+    a, b = sample_scores(run, length), sample_scores(reference, length)
+    keys = sorted(set(a) & set(b))
+    ours, theirs = [a[k] for k in keys], [b[k] for k in keys]
+    if not keys or sum(theirs) == 0:
+        return None
+
+    def ratio(groups: list[list[float]]) -> float:
+        return sum(groups[0]) / sum(groups[1]) if sum(groups[1]) else float("nan")
+
+    return ratio([ours, theirs]), bootstrap_interval([ours, theirs], ratio)
+
+
+SAME_PROMPTS = ("tasks", "seed", "config")  # settings that make two runs' samples the same prompts
+
+
+def check_comparable(result: dict[str, Any], reference: dict[str, Any], name: str) -> None:
+    changed = [k for k in SAME_PROMPTS if result.get(k) != reference.get(k)]
+    if changed:
+        raise ValueError(f"Reference {name!r} was run with other task settings ({', '.join(changed)}): its samples are "
+                         "not the same prompts, so retention against it would compare different questions.")
 
 
 def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.1f}"
 
 
-def tasks_markdown(result: dict[str, Any]) -> str:
-    """Score (%) per method x task x length, then the mean over tasks with density and retention vs dense."""
+def _ci(ci: tuple[float, float] | list[float] | None) -> str:
+    return "" if ci is None else f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
+
+
+def _retention_text(value: tuple[float, tuple[float, float]] | None) -> str:
+    return "" if value is None else f"{100 * value[0]:.1f}%{_ci(value[1])}"
+
+
+def tasks_markdown(result: dict[str, Any], references: dict[str, dict[str, Any]] | None = None) -> str:
+    """Score (%) per method x task x length with Wilson intervals, then per length the mean score
+    with its bootstrap interval, the density, and retention vs the run's own dense method and vs
+    each reference run (name -> a reference *method* run, e.g. the base model's dense)."""
+    references = references or {}
     lengths = result["lengths"]
-    head = "| method | task | " + " | ".join(str(n) for n in lengths) + " | mean |"
     lines = [f"RULER-style tasks, {result['samples_per_cell']} samples per cell, seed {result['seed']}, "
              f"{result['config'].get('answer_prefix', 'ruler')} answer prefixes; "
-             "score = % of expected answers found in the generated text."]
+             "score = % of expected answers found in the generated text, [95% interval] (Wilson per cell, "
+             "bootstrap over samples for means and retention)."]
     calibration = result.get("calibration")
     if calibration:
         on = ("one prompt per task (never evaluated)" if calibration.get("on") == "tasks"
               else f"{len(calibration['documents'])} held-out documents")
         lines.append(f"Policies calibrated to {100 * calibration['target_density']:g}% density on {on} of "
                      f"{calibration['tokens']} tokens; the density column is measured on each cell's own prompts.")
-    lines += ["", head,
-             "|" + " --- |" * (len(lengths) + 3)]
-    means: dict[str, dict[int, tuple[float | None, float | None]]] = {}
+    lines += ["", "| method | task | " + " | ".join(str(n) for n in lengths) + " |", "|" + " --- |" * (len(lengths) + 2)]
     for run in result["methods"]:
         by = {(c["task"], c["length"]): c for c in run["cells"]}
         for task in result["tasks"]:
-            scores = [by[(task, n)]["score"] for n in lengths if (task, n) in by]
-            lines.append(f"| {run['label']} | {task} | " + " | ".join(_pct(by[(task, n)]["score"]) if (task, n) in by else ""
-                                                                  for n in lengths) + f" | {_pct(_mean(scores))} |")
-        means[run["label"]] = {}
+            cells = [by.get((task, n)) for n in lengths]
+            lines.append(f"| {run['label']} | {task} | " + " | ".join(
+                "" if c is None else _pct(c["score"]) + _ci(c.get("score_ci")) for c in cells) + " |")
+    dense = next((r for r in result["methods"] if r["method"] == "dense"), None)
+    ref_names = list(references)
+    lines += ["", "| method | length | mean score | density | retention vs dense |" + "".join(f" retention vs {n} |" for n in ref_names),
+              "|" + " --- |" * (5 + len(ref_names))]
+    for run in result["methods"]:
         for n in [*lengths, "all"]:  # "all": every cell of the method, one summary figure
-            cells = [c for c in run["cells"] if n in ("all", c["length"])]
-            means[run["label"]][n] = (_mean([c["score"] for c in cells]),
-                                      _mean([c["density"] for c in cells if c["density"] is not None]))
-    dense = next((r["label"] for r in result["methods"] if r["method"] == "dense"), None)
-    lines += ["", "| method | length | mean score | retention vs dense | density |", "| --- | --- | --- | --- | --- |"]
-    for label, per_len in means.items():
-        for n, (score, density) in per_len.items():
-            ref = means[dense][n][0] if dense else None
-            retention = f"{100 * score / ref:.1f}%" if ref and score is not None else ""
-            lines.append(f"| {label} | {n} | {_pct(score)} | {retention} | {_pct(density) + '%' if density is not None else ''} |")
+            score, ci = mean_with_ci(sample_scores(run, n))
+            densities = [c["density"] for c in run["cells"] if n in ("all", c["length"]) and c["density"] is not None]
+            density = _mean(densities)
+            cols = [_retention_text(retention(run, dense, n)) if dense else ""]
+            cols += [_retention_text(retention(run, references[name], n)) for name in ref_names]
+            lines.append(f"| {run['label']} | {n} | {_pct(score)}{_ci(ci)} | {_pct(density) + '%' if density is not None else ''} | "
+                         + " | ".join(cols) + " |")
     if result.get("skipped_lengths"):
         lines += ["", f"Skipped (beyond the model's positions): {', '.join(map(str, result['skipped_lengths']))}."]
     return "\n".join(lines) + "\n"
+
+
+def load_reference(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """NAME=FILE[:LABEL] -> (name, the file's result, its method run LABEL, default its dense run)."""
+    import json
+    from pathlib import Path
+
+    name, sep, rest = spec.partition("=")
+    if not sep or not name:
+        raise ValueError(f"--reference takes NAME=FILE[:LABEL] (e.g. base=results/tasks/gemma3/tasks.json), got {spec!r}")
+    path, _, label = rest.partition(":")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--reference {name}: no result file {path}")
+    result = json.loads(Path(path).read_text())
+    runs = {r["label"]: r for r in result["methods"]}
+    run = runs.get(label) if label else next((r for r in result["methods"] if r["method"] == "dense"), None)
+    if run is None:
+        raise ValueError(f"--reference {name}: {path} has no method {label or 'dense'!r} (it has {', '.join(runs)})")
+    return name, result, run
