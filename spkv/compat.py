@@ -68,7 +68,8 @@ def cache_kwarg(cache: Cache | None) -> dict[str, Cache]:
 
 # 2. generate()'s own cache
 def is_generate_default_cache(cache: Any) -> bool:
-    """True for the empty DynamicCache generate() makes when the user passed none."""
+    """True for the empty DynamicCache generate() makes when the user passed none (generate marks
+    a cache the user passed with `_is_user_defined`)."""
     return type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False) and cache.get_seq_length() == 0
 
 

@@ -74,6 +74,8 @@ class TrainConfig:
     density_ramp_steps: int = _opt(0, "ramp the regulariser's target linearly from 1 down to --density-target over this many steps (0: constant target)")
     distill_weight: float = _opt(0.0, "optional KL to the frozen original model")
     bf16: bool | None = _opt(None, "bf16 autocast; default: on where this hardware runs bf16 fast (a GPU with bf16, a CPU with native bf16), else fp32")
+    synthetic_fraction: float = _opt(0.0, "share of training sequences turned into long-range tasks (facts hidden in the text, asked at the end; spkv.data.synthetic), in [0, 1)")
+    activation_checkpointing: bool = _opt(False, "recompute each layer's activations in backward: much less memory for long --seq-len, at the cost of a second forward per layer")
     seed: int = _opt(0, "data order and initialisation")
     checkpoint_every: int = _opt(25, "steps between atomic checkpoints")
     delta_rank: int | None = _opt(None, "train_llm=all: store weight changes as rank-r SVD (lossy) in the adapter")
@@ -95,6 +97,8 @@ class TrainConfig:
             raise ValueError("TrainConfig.density_two_sided needs a density_target")
         if self.density_ramp_steps < 0 or (self.density_ramp_steps and self.density_target is None):
             raise ValueError("TrainConfig.density_ramp_steps must be >= 0 and needs a density_target")
+        if not 0.0 <= self.synthetic_fraction < 1.0:
+            raise ValueError(f"TrainConfig.synthetic_fraction must be in [0, 1), got {self.synthetic_fraction}")
         if self.control and (self.density_weight or self.train_llm == "none"):
             raise ValueError("The dense control has no gates: no density regulariser, and train_llm must not be 'none'")
 

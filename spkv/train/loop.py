@@ -29,6 +29,7 @@ from spkv.adapter import save_adapter
 from spkv.config import SPKVConfig
 from spkv.convert import convert, predictors, record_gates, update_config
 from spkv.data.corpus import default_corpus
+from spkv.data.synthetic import is_synthetic, synthetic_sequence
 from spkv.density import gate_density, mean_density
 from spkv.results import atomic_write, atomic_write_text
 from spkv.train.config import LORA_TARGETS, TrainConfig
@@ -59,8 +60,21 @@ def packed_sequences(cfg: TrainConfig, tokenizer: Any, cache_dir: Path) -> torch
 def batch_indices(cfg: TrainConfig, n_sequences: int, step: int, rank: int, world: int) -> list[int]:
     """The sequences of `step` for process `rank`: a fixed seeded order, so resuming replays exactly."""
     order = np.random.default_rng(cfg.seed).permutation(n_sequences)
-    start = step * cfg.batch_size
-    return [int(order[(start + j) % n_sequences]) for j in range(rank, cfg.batch_size, world)]
+    return [int(order[slot % n_sequences]) for slot in batch_slots(cfg, step, rank, world)]
+
+
+def batch_slots(cfg: TrainConfig, step: int, rank: int, world: int) -> list[int]:
+    """Global sequence counters of `step` for process `rank` (slot s is the run's s-th sequence)."""
+    return [step * cfg.batch_size + j for j in range(rank, cfg.batch_size, world)]
+
+
+def training_sequence(cfg: TrainConfig, data: torch.Tensor, row: int, slot: int, tokenizer: Any) -> torch.Tensor:
+    """[1, seq_len] ids of one slot: the packed text row, or (a seeded share, synthetic_fraction) the
+    same row with long-range facts written into it and asked for at the end (spkv.data.synthetic)."""
+    ids = data[row]
+    if is_synthetic(cfg.seed, slot, cfg.synthetic_fraction):
+        ids, _ = synthetic_sequence(ids, tokenizer, cfg.seed, slot)
+    return ids.unsqueeze(0).long()
 
 
 # -- model --------------------------------------------------------------------------------------
@@ -80,6 +94,8 @@ def build_model(cfg: TrainConfig):
     if not cfg.control:
         convert(model, SPKVConfig(window=cfg.window, threshold=cfg.threshold, phase="soft", predictor_hidden=cfg.predictor_hidden))
     model.config.use_cache = False
+    if cfg.activation_checkpointing:  # recompute each layer in backward: memory for long --seq-len
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train_llm == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -215,9 +231,10 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
             group["lr"] = 0.0 if frozen else group["base_lr"] * lr_factor(cfg, step)
         t0 = time.perf_counter()
         rows = batch_indices(cfg, len(data), step, accel.process_index, accel.num_processes)
+        slots = batch_slots(cfg, step, accel.process_index, accel.num_processes)
         logs: list[dict[str, float]] = []
-        for i, row in enumerate(rows):
-            input_ids = data[row : row + 1].long().to(accel.device)
+        for i, (row, slot) in enumerate(zip(rows, slots)):
+            input_ids = training_sequence(cfg, data, row, slot, tokenizer).to(accel.device)
             sync = i == len(rows) - 1
             with accel.no_sync(model) if not sync else nullcontext(), accel.autocast():
                 loss, stats = step_loss(cfg, model, teacher, input_ids, step)
