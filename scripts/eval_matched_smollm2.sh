@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 5's matched-density table for the shipped SmolLM2-135M adapter: base, dense control, SP-KV at
 # tau 0.5 and every post-hoc baseline calibrated to SP-KV's density, at 2k tokens on the 16 held-out
-# documents of results/train. Resumable (--resume reuses finished rows). Then the density analysis.
-# THREADS (default: torch's) sets the torch threads. Needs `spkv data` first.
+# documents of results/train. Resumable (--resume reuses finished rows). Then the density analysis
+# (scripts/analyze_smollm2.sh; ANALYZE=0 skips it). THREADS (default: torch's) sets the torch threads.
+# Needs `spkv data` first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
@@ -10,5 +11,4 @@ cd "$(dirname "$0")/.."
     --control adapters/smollm2-135m-control --tau 0.5 --seq-len 2048 --sequences 16 \
     --calibration-sequences 2 --chunk 32 --exactness-sequences 1 --exactness-tokens 1024 \
     --methods streaming key_norm kvzap random h2o tova expected_attention --out results/eval/smollm2 --resume
-.venv/bin/spkv analyze --model smollm2-135m --adapter adapters/smollm2-135m-spkv --documents 12 --min-len 512 \
-    --max-len 8192 --out results/analysis/smollm2
+if [ "${ANALYZE:-1}" = 1 ]; then bash scripts/analyze_smollm2.sh; fi

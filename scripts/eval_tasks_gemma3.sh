@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 5's task suite on Gemma3-270M (retrieves up to 8k), on its 3 full-attention layers (the 15
-# sliding-window layers are untouched). Base-model answer prefixes (spkv/ruler.py).
+# sliding-window layers are untouched). Base-model answer prefixes (spkv/eval/tasks/prompts.py).
 # 1. results/tasks/gemma3: the base model, dense and every post-hoc baseline at a matched density of
 #    25% (calibrated on one 2k-token prompt per task, indices the suite never evaluates).
 # 2. results/tasks/gemma3-spkv: the shipped SP-KV adapter (adapters/gemma3-270m-spkv, from

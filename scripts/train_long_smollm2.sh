@@ -3,7 +3,8 @@
 # a density target of 0.35) and its dense control, each on TOKENS (default 327,680: twice the shipped
 # run's) with the same data order, then held-out NLL on the same 16 documents at tau 0.3 / 0.5 / 0.7.
 # bf16 autocast (the CPU must have native bf16; the shipped control is bf16 too). Resumable: run it
-# again and unfinished runs continue from their checkpoints. THREADS (default 1) sets torch threads.
+# again and unfinished runs continue from their checkpoints; the sweep is redone when the adapter is
+# newer than it. THREADS (default 1) sets torch threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${THREADS:-1}
@@ -16,7 +17,8 @@ out=runs/long/$name control=runs/long/control-x$((tokens / 163840))
 [ -f $out/adapter/adapter_config.json ] || .venv/bin/spkv train "${common[@]}" --predictor-lr-mult 25 \
     --density-target 0.35 --density-weight 1.0 --out $out $(resume $out)
 [ -f $control/adapter/adapter_config.json ] || .venv/bin/spkv train "${common[@]}" --control --out $control $(resume $control)
-if [ ! -f results/train/long/$name/nll_sweep.json ]; then
+sweep=results/train/long/$name/nll_sweep.json
+if [ ! -f $sweep ] || [ $out/adapter/adapter_config.json -nt $sweep ]; then  # no sweep yet, or one of an older adapter
   .venv/bin/spkv eval nll --model smollm2-135m --adapter $out/adapter --control $control/adapter \
       --thresholds 0.3 0.5 0.7 --seq-len 2048 --sequences 16 --out results/train/long/$name
   cp $out/train_config.json $out/log.jsonl results/train/long/$name/

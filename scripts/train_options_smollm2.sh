@@ -3,8 +3,9 @@
 # recipe, scripts/train_adapter_pair.sh): each run changes one thing against it, then is
 # evaluated on the same 16 held-out documents against a dense control trained with the same recipe
 # and precision. scripts/options_report.py then tabulates them at tau 0.5. Resumable: run it again
-# and unfinished runs continue from their checkpoints. THREADS (default 1) sets torch threads so
-# the job can share the machine.
+# and unfinished runs continue from their checkpoints; a run's sweep is redone when its adapter is
+# newer than the sweep. THREADS (default 1) sets torch threads so the job can share the machine.
+# Needs adapters/smollm2-135m-control-164k (scripts/train_reg25_smollm2.sh) and `spkv data` first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${THREADS:-1}
@@ -36,7 +37,8 @@ for name in "${order[@]}"; do
     mkdir -p results/train/options/$(basename $control)
     cp $control/train_config.json $control/log.jsonl results/train/options/$(basename $control)/
   fi
-  if [ ! -f results/train/options/$name/nll_sweep.json ]; then
+  sweep=results/train/options/$name/nll_sweep.json
+  if [ ! -f $sweep ] || [ $out/adapter/adapter_config.json -nt $sweep ]; then  # no sweep yet, or one of an older adapter
     .venv/bin/spkv eval nll --model smollm2-135m --adapter $out/adapter \
         --control "$reference" \
         --thresholds 0.3 0.5 0.7 --seq-len 2048 --sequences 16 --out results/train/options/$name

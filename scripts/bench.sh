@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The speed and memory benchmarks (docs/benchmarks.md), with the exact commands recorded in the
+# provenance of results/bench/decode.json, prefill.json and train.json. PARTS picks which run
+# (default "decode prefill train"); "profile" also redoes results/bench/decode_profile.* with the
+# command its provenance records. Each part rewrites its result files under results/bench/.
+# decode: 17.8 min on the 2-core CPU of results/bench/decode.json (its `wall_s`); its spkv-adapter
+# rows use the shipped adapter, adapters/smollm2-135m-spkv. Give the benchmarks the machine: other
+# CPU-bound jobs distort every row. THREADS sets torch threads (default: torch's, as recorded).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
+for part in ${PARTS:-decode prefill train}; do
+  case $part in
+    decode)
+      .venv/bin/spkv bench decode --model smollm2-135m --adapter adapters/smollm2-135m-spkv \
+          --contexts 1024 4096 8192 16384 32768 --batch-sizes 1 8 --steps 8 --repeats 2 --warmup 2 ;;
+    prefill)
+      .venv/bin/spkv bench prefill --model smollm2-135m --contexts 2048 8192 --batch-sizes 1 --prefill-chunk 1024 --repeats 2 ;;
+    train)
+      .venv/bin/spkv bench train --model smollm2-135m --seq-len 2048 --steps 3 --warmup 1 ;;
+    profile)
+      .venv/bin/python scripts/profile_decode.py --contexts 8192 --steps 6 --threads 1 --name decode_profile ;;
+    *)
+      echo "bench.sh: unknown part '$part' (decode, prefill, train, profile)" >&2; exit 2 ;;
+  esac
+done
