@@ -1,6 +1,7 @@
 """spkv: Self-Pruned KV attention for Hugging Face causal language models."""
 
 from spkv.adapter import load_adapter, save_adapter
+from spkv.budget import BudgetResult, calibrate
 from spkv.cache import SPKVCache
 from spkv.config import SPKVConfig
 from spkv.convert import (
@@ -14,6 +15,6 @@ from spkv.models import load_model
 from spkv.stats import CacheStats, cache_stats
 
 __all__ = [
-    "CacheStats", "SPKVCache", "SPKVConfig", "cache_stats", "convert", "is_converted", "load_adapter",
+    "BudgetResult", "CacheStats", "SPKVCache", "calibrate", "SPKVConfig", "cache_stats", "convert", "is_converted", "load_adapter",
     "load_model", "record_gates", "save_adapter", "set_threshold", "update_config",
 ]

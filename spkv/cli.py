@@ -47,6 +47,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise SystemExit("error: give --prompt-file F or --prompt TEXT")
     torch.manual_seed(args.seed)
     model, tokenizer = _load(args)
+    budget = None
+    if args.density is not None or args.max_kv_mb is not None:  # tau from a budget, on the user's own text
+        import spkv
+
+        if args.threshold is not None:
+            raise SystemExit("error: give --threshold or a budget (--density / --max-kv-mb), not both")
+        calibration = Path(args.calibration_file).read_text() if args.calibration_file else prompt
+        context = len(tokenizer(prompt).input_ids) + args.max_new_tokens
+        budget = spkv.calibrate(model, [calibration], tokenizer, density=args.density, context=context,
+                                kv_bytes_limit=None if args.max_kv_mb is None else int(args.max_kv_mb * 2**20))
+        print(f"budget: {budget.summary()}", file=sys.stderr)
     sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.sample else {}
     report = generate_with_report(
         model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, prefill_chunk_size=args.prefill_chunk,
@@ -57,6 +68,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"model {args.model}, adapter {args.adapter or 'none'}, threshold {model.spkv_config.threshold}")
     print(report.summary())
     result = {"model": args.model, "adapter": args.adapter, "threshold": model.spkv_config.threshold, **report.__dict__}
+    if budget is not None:
+        result["budget"] = budget.__dict__
     if args.compare_base:
         from spkv.models import load_model
 
@@ -318,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--density", type=float, help="set tau so this share of out-of-window pairs is kept, measured on the "
+                   "prompt (or --calibration-file); instead of --threshold")
+    g.add_argument("--max-kv-mb", type=float, help="set tau so the KV cache at prompt + new tokens fits this many MiB")
+    g.add_argument("--calibration-file", help="text to calibrate --density / --max-kv-mb on (default: the prompt)")
     g.add_argument("--compare-base", action="store_true", help="also run the unconverted model and compare tokens")
     g.add_argument("--json", help="write the report as JSON to this file")
     g.set_defaults(func=cmd_generate)
