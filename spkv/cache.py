@@ -44,6 +44,7 @@ class SPKVLayer(CacheLayerMixin):
         self.staged_logits: torch.Tensor | None = None  # [B, n, Hkv] gates of the incoming tokens
         self.pending_valid: torch.Tensor | None = None  # [B, n] False for padding
         self.recent_q: torch.Tensor | None = None  # [B, Hkv, G, <=window, D], only if the policy needs_queries
+        self.record_past = False  # transformers' protocol for caches that can be cropped (assisted decoding)
 
     # -- transformers' layer interface -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -90,7 +91,50 @@ class SPKVLayer(CacheLayerMixin):
         self.__init__(self.layer_idx, self.window, self.policy, self.sinks)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("Beam search is not supported with the SP-KV cache; use greedy or sampling.")
+        """Beam search: sequence b continues old sequence beam_idx[b] (window, store and counters)."""
+        if not self.is_initialized:
+            return
+        rows = beam_idx.to(torch.long).cpu()
+        self.recent.reorder(rows)
+        heads = (rows.view(-1, 1) * self.num_kv_heads + torch.arange(self.num_kv_heads)).flatten()
+        self.store.reorder(heads)
+        self.valid_seen = self.valid_seen.index_select(0, rows.to(self.valid_seen.device))
+        self.decided, self.kept = self.decided.index_select(0, rows), self.kept.index_select(0, rows)
+        if self.recent_q is not None:
+            self.recent_q = self.recent_q.index_select(0, rows.to(self.recent_q.device))
+
+    @property
+    def is_croppable(self) -> bool:
+        """Write-time policies (SP-KV's included) can roll back: a decision never depends on later
+        tokens. Attention-based ones re-score pairs by what later queries do, so they cannot."""
+        return not (self.policy.needs_attention or self.policy.needs_queries)
+
+    def activate_past_recording(self) -> None:
+        """Defer window exits until `crop`: pairs past the window stay in the ring, hidden or shown by
+        the same rule (exact), so the newest tokens can still be removed."""
+        if not self.is_croppable:
+            raise ValueError(f"The {self.policy.name!r} policy scores pairs by later attention, so its cache cannot be "
+                             "cropped (assisted and prompt-lookup decoding need that): use SP-KV or a write-time policy.")
+        self.record_past = True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the newest -tokens_to_remove tokens (a rejected draft), then take the window exits
+        deferred since the last crop. crop(0) only takes the deferred exits."""
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number: how many of the newest tokens to remove.")
+        if not self.is_initialized:
+            return
+        k = -tokens_to_remove
+        if k:
+            oldest_needed = max(0, self.seen - k - self.window + 1)  # the next query's window starts there
+            if self.seen - self.recent.size > oldest_needed:
+                raise ValueError(f"Cannot remove {k} tokens: their window exits were already taken. For assisted or "
+                                 "prompt-lookup decoding pass generate(..., cache=spkv.SPKVCache(model)): generate then "
+                                 "calls its activate_past_recording() before decoding, which the implicit cache misses.")
+            gone = self.recent.drop_newest(k)
+            self.valid_seen -= gone.long().sum(1).to(self.valid_seen.device)
+            self.seen -= k
+        self._evict(self.seen - self.window)
 
     # -- SP-KV ---------------------------------------------------------------------------------
     @property
@@ -135,7 +179,8 @@ class SPKVLayer(CacheLayerMixin):
         out, probs = attend(q, bias, scaling, want_probs)
         if want_probs or self.policy.needs_queries:
             self._observe(q, probs, scaling)
-        self._evict(self.seen - self.window)
+        if not self.record_past:
+            self._evict(self.seen - self.window)
         return out.view(b, h, n, d).transpose(1, 2)
 
     def _attend_one(self, q: torch.Tensor, bias: torch.Tensor, scaling: float, want_probs: bool):
@@ -272,6 +317,11 @@ class SPKVCache(Cache):
         layer.staged_logits = gate_logits.detach()
         layer.spkv_config = config
         return layer
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the newest -tokens_to_remove tokens from every layer (see SPKVLayer.crop)."""
+        super().crop(tokens_to_remove)
+        self.tokens_seen = max(0, self.tokens_seen + min(0, tokens_to_remove))
 
     def spkv_layers(self) -> list[SPKVLayer]:
         return [layer for layer in self.layers if isinstance(layer, SPKVLayer)]

@@ -114,6 +114,26 @@ class PagedStore:
         o.index_add_(0, owner, torch.bmm(e.to(self.v.dtype), self.v[: self.pages].transpose(1, 2)).float())
         return m, l, o
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Head j takes old head rows[j]'s pairs (beam search). Pages are copied, not shared: two beams
+        from one parent then append to pages of their own. Costs one gather of the kept pairs, as
+        transformers' own layers copy their whole cache on a reorder."""
+        rows = rows.cpu()
+        lengths = self.lengths[rows]
+        counts = self._pages_of(lengths)
+        width = int(counts.max()) if len(counts) else 0
+        taken = torch.arange(width).unsqueeze(0) < counts.unsqueeze(1)  # [heads, width]
+        old_pages = self.table[rows, :width][taken]  # row-major: each new head's pages in order
+        total = int(counts.sum())
+        src = old_pages.to(self.k.device)
+        self.k, self.v = self.k[src].clone(), self.v[src].clone()
+        self.free_bias = self.free_bias[src].clone()
+        self.owner = torch.repeat_interleave(torch.arange(self.heads), counts).to(self.k.device)
+        self.pages = total
+        table = torch.zeros(self.heads, max(1, width), dtype=torch.long)
+        table[taken] = torch.arange(total)
+        self.table, self.lengths = table, lengths.clone()
+
     def get(self, head: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One head's stored pairs, in order: (keys, values) [L, D] (a copy: its pages are scattered)."""
         length = int(self.lengths[head])

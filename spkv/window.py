@@ -89,6 +89,22 @@ class Window:
         if self.capacity > max(self.window, self.size):
             self._resize(max(self.window, self.size))
 
+    def drop_newest(self, k: int) -> torch.Tensor:
+        """Forget the k newest pairs (a rejected draft); returns their valid flags [B, k]."""
+        if k > self.size:
+            raise ValueError(f"Cannot remove {k} pairs from a window holding {self.size}.")
+        gone = [self.valid[:, src].clone() for src, _ in self._spans(self.size - k, k)]
+        for src, _ in self._spans(self.size - k, k):
+            self.valid[:, src] = False
+        self.size -= k
+        return torch.cat(gone, dim=1) if gone else self.valid.new_zeros(self.valid.shape[0], 0)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Sequence b takes old sequence rows[b]'s pairs (beam search); positions are shared."""
+        rows = rows.to(self.k.device)
+        self.k, self.v, self.score = self.k.index_select(0, rows), self.v.index_select(0, rows), self.score.index_select(0, rows)
+        self.valid, self.sink = self.valid.index_select(0, rows), self.sink.index_select(0, rows)
+
     def nbytes(self) -> int:
         """Bytes of the key and value buffers (capacity, free slots included)."""
         return self.k.nbytes + self.v.nbytes

@@ -1,5 +1,5 @@
 """KVzap-style surrogate: the score is a fitted regressor's predicted log importance, fixed when the
-pair is written. The regressors must sit in the model's predictor slots (spkv.kvzap.installed)."""
+pair is written. The regressors must sit in the model's predictor slots (spkv.eval.kvzap.installed)."""
 
 from __future__ import annotations
 
@@ -15,5 +15,5 @@ class KVzap(ScoringPolicy):
 
     def score_new(self, keys, values, gate_logits):
         if gate_logits is None:
-            raise RuntimeError("The kvzap policy needs the regressors' scores: evaluate inside spkv.kvzap.installed(model, regressors).")
+            raise RuntimeError("The kvzap policy needs the regressors' scores: evaluate inside spkv.eval.kvzap.installed(model, regressors).")
         return gate_logits.float().transpose(1, 2)
