@@ -102,13 +102,19 @@ def load_model(
     name_or_path: str | os.PathLike[str], dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (model in eval mode, tokenizer) from an alias in MODEL_ALIASES, a local path, or a hub id.
+    A folder written by spkv.save_pretrained comes back converted, with its predictors and settings.
 
     The tokenizer gets pad_token = eos_token when it has none; padding_side is left to callers.
     """
+    from spkv.checkpoint import is_checkpoint, load_checkpoint
+
     source = str(name_or_path)
     if source in _ALIASES:
         source = str(_cached_alias(source))
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    if is_checkpoint(source):  # an spkv.save_pretrained folder: converted, predictors loaded
+        model = load_checkpoint(source, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
