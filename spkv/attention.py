@@ -197,6 +197,10 @@ def spkv_attention_forward(
     predictor = getattr(module, "spkv_predictor", None)
     if predictor is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    unsupported = [k for k in UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
+    if unsupported:
+        raise NotImplementedError(f"SP-KV gated layer {module.layer_idx} got {', '.join(unsupported)}, which the gated "
+                                  "attention does not implement; gate only plain full-attention layers (SPKVConfig.layers).")
     if spkv_cache_layer is not None:
         return spkv_cache_layer.attend(query, scaling), None
     if spkv_gate_logits is None:
@@ -219,6 +223,11 @@ def spkv_attention_forward(
         return flash_gated_attention(query, key, value, gate, config.window, scaling), None
     out = gated_attention(query, key, value, gate, config.window, scaling, attention_mask, dropout)
     return out, None
+
+
+# Attention variants some families pass to the attention function; the gated rule implements none of
+# them, so a gated layer receiving one raises instead of silently computing something else.
+UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux")
 
 
 def register() -> None:

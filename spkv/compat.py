@@ -13,8 +13,10 @@ against the installed transformers, so a release that moves one fails a test tha
    CACHE_LAYER_METHODS on them, and builds its own layers from get_layer_types_and_kwargs.
 4. Attention functions and their masks register by name (AttentionInterface,
    AttentionMaskInterface); sdpa's function is the fallback for ungated layers.
-5. A causal LM keeps its decoder layers at `model.model.layers`, each with `self_attn` exposing
-   `k_proj`, `head_dim` and `layer_idx`; per-layer attention kinds are `config.layer_types`.
+5. A causal LM keeps its decoder layers at `model.model.layers`; a softmax-attention layer's module
+   is `self_attn` (linear-attention layers of hybrid families have none) with `layer_idx`, called
+   with `hidden_states`; per-layer attention kinds are `config.layer_types`; the KV head count is
+   the text config's `num_key_value_heads`.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 __all__ = [
     "CACHE_ARG", "CACHE_LAYER_METHODS", "Cache", "CacheLayerMixin", "cache_argument", "cache_kwarg", "decoder_layers",
-    "default_layers", "is_generate_default_cache", "output_cache", "register_attention", "sdpa_attention_forward",
+    "attention_module", "default_layers", "is_generate_default_cache", "output_cache", "register_attention", "sdpa_attention_forward",
 ]
 
 # 1. the cache argument's name
@@ -97,3 +99,8 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
     """A causal LM's decoder layers (`model.model.layers`), or None if it keeps them elsewhere."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     return layers if isinstance(layers, torch.nn.ModuleList) else None
+
+
+def attention_module(layer: torch.nn.Module) -> torch.nn.Module | None:
+    """A decoder layer's softmax-attention module, or None (a linear-attention or recurrent layer)."""
+    return getattr(layer, "self_attn", None)

@@ -16,11 +16,16 @@ from torch import nn
 
 from spkv import attention
 from spkv.cache import SPKVCache, default_cache_hook
-from spkv.compat import cache_argument, decoder_layers
+from spkv.compat import attention_module, cache_argument, decoder_layers
 from spkv.config import SPKVConfig
 from spkv.predictor import UtilityPredictor
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+# Causal-LM families whose full-attention layers fit the gated rule (plain softmax attention, no
+# softcapping or attention sinks), each tested on a tiny random config (tests/tiny_models.py):
+# tau = 0 equals the base model, chunked prefill + decode equal the full forward. Sliding-window
+# and linear-attention layers of hybrid families stay as they are.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma4_text", "qwen3_5_text", "qwen3_next",
+                         "smollm3", "olmo2", "olmo3", "granite", "glm4", "cohere2", "exaone4", "phi3")
 
 
 def is_converted(model: nn.Module) -> bool:
@@ -56,7 +61,7 @@ def predictors(model: nn.Module) -> dict[int, UtilityPredictor]:
     """layer index -> predictor of every gated layer."""
     out = {}
     for i, layer in enumerate(decoder_layers(model) or []):
-        p = getattr(layer.self_attn, "spkv_predictor", None)
+        p = getattr(attention_module(layer), "spkv_predictor", None)
         if p is not None:
             out[i] = p
     return out
@@ -86,8 +91,8 @@ def convert(model: nn.Module, config: SPKVConfig | None = None) -> nn.Module:
     if is_converted(model):
         raise ValueError("This model is already converted to SP-KV; use spkv.update_config() to change its settings.")
     layers = _decoder_layers(model)
-    hf_config = model.config
-    full = full_attention_layers(hf_config)
+    text_config = model.config.get_text_config(decoder=True)
+    full = full_attention_layers(text_config)
     gated = config.layers if config.layers is not None else full
     if not gated:
         raise ValueError(f"{type(model).__name__} has no full-attention layer to gate (all layers are sliding-window).")
@@ -101,10 +106,9 @@ def convert(model: nn.Module, config: SPKVConfig | None = None) -> nn.Module:
 
     attention.register()
     for i in gated:
-        attn = layers[i].self_attn
-        ref = attn.k_proj.weight
-        kv_heads = attn.k_proj.out_features // attn.head_dim
-        predictor = UtilityPredictor(hf_config.hidden_size, kv_heads, config).to(device=ref.device, dtype=ref.dtype)
+        attn = attention_module(layers[i])
+        ref = next(attn.parameters())
+        predictor = UtilityPredictor(text_config.hidden_size, text_config.num_key_value_heads, config).to(device=ref.device, dtype=ref.dtype)
         attn.spkv_predictor = predictor
         attn.register_forward_pre_hook(_predictor_hook, with_kwargs=True)
     model.register_forward_pre_hook(default_cache_hook, with_kwargs=True)

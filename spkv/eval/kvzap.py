@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from spkv.compat import attention_module
 from spkv.convert import _decoder_layers, predictors
 from spkv.results import atomic_write
 
@@ -95,7 +96,7 @@ def fit_kvzap(model: nn.Module, sequences: torch.Tensor, window: int, config: KV
 
     handles = []
     for i in gated:
-        attn = layers[i].self_attn
+        attn = attention_module(layers[i])
         handles.append(attn.register_forward_pre_hook(capture_input, with_kwargs=True))
         handles.append(attn.register_forward_hook(accumulate))
     previous = model.config._attn_implementation
@@ -131,11 +132,11 @@ def installed(model: nn.Module, regressors: dict[int, KVzapRegressor]) -> Iterat
     try:
         for i, reg in regressors.items():
             reg.config = saved[i].config
-            layers[i].self_attn.spkv_predictor = reg
+            attention_module(layers[i]).spkv_predictor = reg
         yield
     finally:
         for i, p in saved.items():
-            layers[i].self_attn.spkv_predictor = p
+            attention_module(layers[i]).spkv_predictor = p
 
 
 def save_regressors(regressors: dict[int, KVzapRegressor], path: str | Path, metadata: dict[str, Any]) -> None:
