@@ -151,6 +151,16 @@ class SPKVLayer(CacheLayerMixin):
         """The pairs kept for sequence bi, KV head hi, in order: (keys, values) [L, D]."""
         return self.store.get(bi * self.num_kv_heads + hi)
 
+    def kept_positions(self, bi: int, hi: int) -> torch.Tensor:
+        """[n] token indices a query after the last token can attend to for sequence bi, KV head hi:
+        the stored pairs, then the window's real pairs (what the cache physically holds and shows)."""
+        recent, live = self.recent, self.recent.live_slots()
+        pos, valid = recent.pos[live], recent.valid[bi, live]
+        past = self.seen - pos >= self.window  # exits deferred by activate_past_recording: the rule decides
+        keep = self._keep(recent.score[bi : bi + 1, hi : hi + 1, live], recent.sink[bi : bi + 1, live])[0, 0]
+        window = pos[valid & (~past | keep)]
+        return torch.cat([self.store.positions(bi * self.num_kv_heads + hi).cpu(), window.cpu()])
+
     def store_lengths(self) -> torch.Tensor:
         """[B, Hkv] pairs kept per sequence and KV head."""
         return self.store.lengths.view(self.batch_size, self.num_kv_heads)
@@ -248,14 +258,14 @@ class SPKVLayer(CacheLayerMixin):
         m = min(recent.size, upto - (self.seen - recent.size) + 1)  # the window holds positions seen - size ..
         if m <= 0:
             return
-        keys, values, score, _, valid, sink = recent.oldest(m)
+        keys, values, score, pos, valid, sink = recent.oldest(m)
         keep = self._keep(score, sink) & valid.unsqueeze(1)  # [B, Hkv, m]
         # One transfer per eviction (a sync on GPU); the bookkeeping below runs on the host.
         keep, counted = keep.cpu(), (valid & ~sink).cpu().unsqueeze(1)
         self.decided += counted.sum(-1).expand_as(self.decided)
         self.kept += (keep & counted).sum(-1)
         heads = self.batch_size * self.num_kv_heads
-        self.store.append(keep.view(heads, m), keys.reshape(heads, m, -1), values.reshape(heads, m, -1))
+        self.store.append(keep.view(heads, m), keys.reshape(heads, m, -1), values.reshape(heads, m, -1), pos)
         recent.drop(m)
 
     @property

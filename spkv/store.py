@@ -40,6 +40,7 @@ class PagedStore:
         # Additive score bias [capacity, page]: 0 where a pair is stored, -inf in a page's free slots.
         self.free_bias = torch.zeros(0, page, dtype=dtype, device=device)
         self.owner = torch.zeros(0, dtype=torch.long, device=device)  # [capacity] head of each page
+        self.pos = torch.zeros(0, page, dtype=torch.long, device=device)  # [capacity, page] token index of each pair
         self.pages = 0  # pages in use: pool[:pages]
         self.lengths = torch.zeros(heads, dtype=torch.long)  # host: pairs kept per head
         self.table = torch.zeros(heads, 0, dtype=torch.long)  # host: [heads, width] each head's pages, in order
@@ -54,15 +55,16 @@ class PagedStore:
             return
         capacity = max(pages, capacity + max(_MIN_GROWTH, capacity // _GROWTH_FRACTION))
         grown = []
-        for old, fill in ((self.k, 0.0), (self.v, 0.0), (self.free_bias, float("-inf")), (self.owner, 0)):
+        for old, fill in ((self.k, 0.0), (self.v, 0.0), (self.free_bias, float("-inf")), (self.owner, 0), (self.pos, -1)):
             new = old.new_empty(capacity, *old.shape[1:])
             new[: self.pages] = old[: self.pages]
             new[self.pages :] = fill  # free slots must hold finite keys: they meet real queries in `attend`
             grown.append(new)
-        self.k, self.v, self.free_bias, self.owner = grown
+        self.k, self.v, self.free_bias, self.owner, self.pos = grown
 
-    def append(self, keep: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store the selected pairs. keep [heads, m] bool (host); keys, values [heads, m, D] (device).
+    def append(self, keep: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Store the selected pairs. keep [heads, m] bool (host); keys, values [heads, m, D] (device);
+        positions [m]: their token indices.
 
         Each head's selected pairs go after its stored ones, in their order along m."""
         counts = keep.sum(1)
@@ -92,6 +94,7 @@ class PagedStore:
         self.k.view(-1, self.head_dim).index_copy_(0, flat, keys[rows, cols])
         self.v.transpose(1, 2)[flat // self.page, flat % self.page] = values[rows, cols]
         self.free_bias.view(-1).index_fill_(0, flat, 0.0)
+        self.pos.view(-1)[flat] = positions.to(self.pos.device)[cols]
         self.lengths = new_lengths
 
     def attend(self, query: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -127,7 +130,7 @@ class PagedStore:
         total = int(counts.sum())
         src = old_pages.to(self.k.device)
         self.k, self.v = self.k[src].clone(), self.v[src].clone()
-        self.free_bias = self.free_bias[src].clone()
+        self.free_bias, self.pos = self.free_bias[src].clone(), self.pos[src].clone()
         self.owner = torch.repeat_interleave(torch.arange(self.heads), counts).to(self.k.device)
         self.pages = total
         table = torch.zeros(self.heads, max(1, width), dtype=torch.long)
@@ -140,6 +143,12 @@ class PagedStore:
         pages = self.table[head, : int(self._pages_of(self.lengths[head]))].to(self.k.device)
         return (self.k[pages].view(-1, self.head_dim)[:length],
                 self.v[pages].transpose(1, 2).reshape(-1, self.head_dim)[:length])
+
+    def positions(self, head: int) -> torch.Tensor:
+        """[L] token indices of one head's stored pairs, in order."""
+        length = int(self.lengths[head])
+        pages = self.table[head, : int(self._pages_of(self.lengths[head]))].to(self.pos.device)
+        return self.pos[pages].flatten()[:length]
 
     def capacity_pairs(self) -> int:
         return self.k.shape[0] * self.page
