@@ -1,0 +1,176 @@
+"""Hybrid local-global layouts designed from SP-KV's learned density, run exactly, and exported.
+
+SP-KV's learned density is structured: a few (layer, KV head) units keep almost every pair, most
+keep almost nothing beyond the window. A hybrid makes that structure fixed: *global* units keep
+every pair, *local* units only the window. Here a hybrid is an SP-KV model whose predictors are
+constants (u = 1 for global units, u ~ 0 for local ones), so everything that runs SP-KV (the exact
+full-sequence forward, the compact cache, NLL, tasks, generate) runs a hybrid unchanged and
+exactly. A per-layer hybrid (every head of a layer the same) is a plain sliding/full model that
+serving engines run natively; `export` writes it as a standard transformers checkpoint.
+
+Designs at a KV budget (the share of out-of-window memory kept = share of global units):
+  learned-head   the densest (layer, KV head) units first            (the paper's hybrid)
+  learned-layer  the densest layers first (mean over their heads)
+  interleave     one global layer every round(1 / budget) layers     (hand-made baseline)
+  random-head    units drawn at random (seeded)                      (baseline)
+These choices are ours: the paper gives the result, not the procedure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from spkv.config import SPKVConfig
+from spkv.convert import convert, is_converted, predictors
+
+DESIGNS = ("learned-head", "learned-layer", "interleave", "random-head")
+_OPEN, _CLOSED = 30.0, -30.0  # constant predictor logits: u = 1 - 1e-13 and 1e-13
+
+
+@dataclass
+class HybridLayout:
+    """Which gated units stay global. units[i][h]: layer layers[i], KV head h is global."""
+
+    model: str  # the model it was designed for (name as given)
+    layers: list[int]
+    units: list[list[bool]]
+    window: int
+    budget: float  # the requested share of global units
+    design: str
+    seed: int | None = None
+
+    @property
+    def global_share(self) -> float:
+        flat = [u for row in self.units for u in row]
+        return sum(flat) / len(flat)
+
+    @property
+    def per_layer(self) -> bool:
+        return all(len(set(row)) == 1 for row in self.units)
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "global_share": self.global_share}, indent=2)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "HybridLayout":
+        data = json.loads(Path(path).read_text())
+        data.pop("global_share", None)
+        return cls(**data)
+
+
+def _check_budget(budget: float) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
+        raise ValueError(f"The KV budget must be in (0, 1] (the share of out-of-window memory kept), got {budget!r}")
+
+
+def design(density: list[list[float]], layers: list[int], budget: float, method: str = "learned-head", *,
+           model: str = "", window: int = 128, seed: int = 0) -> HybridLayout:
+    """A layout keeping `budget` of the units global. density [layers][KV heads]: SP-KV's density per
+    unit on held-out text (spkv analyze's density_per_layer_head)."""
+    _check_budget(budget)
+    if method not in DESIGNS:
+        raise ValueError(f"Unknown design {method!r}: choose from {', '.join(DESIGNS)}")
+    dens = torch.tensor(density, dtype=torch.float64)
+    n_layers, heads = dens.shape
+    if n_layers != len(layers):
+        raise ValueError(f"density has {n_layers} rows but {len(layers)} layers are named")
+    units = torch.zeros(n_layers, heads, dtype=torch.bool)
+    k_units, k_layers = max(1, round(budget * n_layers * heads)), max(1, round(budget * n_layers))
+    if method == "learned-head":
+        units.view(-1)[torch.argsort(dens.flatten(), descending=True, stable=True)[:k_units]] = True
+    elif method == "learned-layer":
+        units[torch.argsort(dens.mean(1), descending=True, stable=True)[:k_layers]] = True
+    elif method == "interleave":
+        step = max(1, round(1 / budget))
+        units[step - 1 :: step] = True  # every step-th layer, the last of each group (3:1 -> layers 3, 7, ...)
+    else:
+        picks = random.Random(seed).sample(range(n_layers * heads), k_units)
+        units.view(-1)[picks] = True
+    return HybridLayout(model, list(layers), units.tolist(), window, float(budget), method,
+                        seed if method.startswith("random") else None)
+
+
+def apply_layout(model: nn.Module, layout: HybridLayout) -> nn.Module:
+    """Turn `model` into the hybrid: converted (if needed) on the layout's layers, predictors replaced
+    by constants and frozen. The model's own weights (e.g. a trained adapter's) are kept."""
+    if not is_converted(model):
+        convert(model, SPKVConfig(window=layout.window, threshold=0.5, layers=layout.layers))
+    cfg = model.spkv_config
+    if cfg.layers != layout.layers or cfg.window != layout.window:
+        raise ValueError(f"The layout is for layers {layout.layers} with window {layout.window}; this model gates "
+                         f"{cfg.layers} with window {cfg.window}: design the layout for this model.")
+    preds = predictors(model)
+    with torch.no_grad():
+        for layer, row in zip(layout.layers, layout.units):
+            p = preds[layer]
+            if len(row) != p.fc2.out_features:
+                raise ValueError(f"The layout has {len(row)} KV heads in layer {layer}; this model has {p.fc2.out_features}.")
+            p.fc2.weight.zero_()
+            p.fc2.bias.copy_(torch.tensor([_OPEN if g else _CLOSED for g in row], dtype=p.fc2.bias.dtype))
+            p.requires_grad_(False)
+    from spkv.convert import set_threshold
+
+    set_threshold(model, 0.5)
+    model.spkv_hybrid = layout
+    return model
+
+
+# -- export: a per-layer hybrid as a plain transformers model ----------------------------------------
+# source model_type -> the standard architecture that holds its weights exactly with per-layer
+# layer_types (sliding_attention / full_attention) and one sliding_window.
+EXPORT_TARGETS = {"llama": "ministral", "mistral": "ministral", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def export_config(source: Any, layout: HybridLayout) -> Any:
+    """The target config: the source's fields, the target model_type, per-layer layer_types and the
+    window as sliding_window (a local layer sees the same last `window` tokens as in spkv)."""
+    from transformers import AutoConfig
+
+    kind = source.model_type
+    if kind not in EXPORT_TARGETS:
+        raise ValueError(f"No standard sliding/full architecture holds a {kind!r} model exactly; exportable families: "
+                         f"{', '.join(sorted(EXPORT_TARGETS))} (Gemma 3's sliding layers use another rope base, so "
+                         "turning its full layers local would change the model).")
+    if getattr(source, "attention_bias", False) or getattr(source, "mlp_bias", False):
+        raise ValueError("The model has attention or MLP biases, which the export target does not hold.")
+    if not layout.per_layer:
+        raise ValueError("Only a per-layer hybrid (every KV head of a layer global, or every one local) exports to a "
+                         "standard model: use the learned-layer or interleave design.")
+    layer_types = ["full_attention"] * source.num_hidden_layers
+    for layer, row in zip(layout.layers, layout.units):
+        if not row[0]:
+            layer_types[layer] = "sliding_attention"
+    data = {k: v for k, v in source.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
+    data.update(layer_types=layer_types, sliding_window=layout.window, use_sliding_window=True, max_window_layers=0)
+    return AutoConfig.for_model(EXPORT_TARGETS[kind], **data)
+
+
+def export(model: nn.Module, layout: HybridLayout, path: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Write the per-layer hybrid of `model` (its current LLM weights, predictors left out) as a plain
+    transformers checkpoint that loads with AutoModelForCausalLM.from_pretrained, no spkv needed."""
+    from transformers import AutoModelForCausalLM
+
+    base = getattr(model, "get_base_model", lambda: model)()
+    config = export_config(base.config, layout)
+    target = AutoModelForCausalLM.from_config(config).to(next(base.parameters()).dtype)
+    state = {k: v for k, v in base.state_dict().items() if ".spkv_predictor." not in k}
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"The export target does not hold the weights exactly (missing {missing[:3]}, unexpected {unexpected[:3]}).")
+    if config.tie_word_embeddings:
+        target.tie_weights()
+    path = Path(path)
+    target.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    (path / "spkv_hybrid_layout.json").write_text(layout.to_json())
+    return path
