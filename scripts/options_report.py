@@ -19,7 +19,8 @@ sys.path.insert(0, str(ROOT))
 from spkv.eval.nll import paired_dnll_stderr  # noqa: E402
 from spkv.results import atomic_write_text, write_json  # noqa: E402
 
-RECIPE_KEYS = ("train_llm", "predictor_lr_mult", "density_target", "density_weight", "density_ramp_steps", "density_two_sided", "distill_weight", "bf16", "lr", "max_tokens")
+RECIPE_KEYS = ("train_llm", "predictor_lr_mult", "density_target", "density_weight", "density_ramp_steps", "density_two_sided",
+               "distill_weight", "bf16", "lr", "max_tokens")
 
 
 # the 164k-token recipe that every equal-token option changes one thing against (shipped until the

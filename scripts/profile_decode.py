@@ -25,9 +25,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from spkv.bench import common, decode, machine
-from spkv.compat import CACHE_ARG
-from spkv.results import atomic_write_text, write_json
+from spkv.bench import common, decode, machine  # noqa: E402
+from spkv.compat import CACHE_ARG  # noqa: E402
+from spkv.results import atomic_write_text, write_json  # noqa: E402
 
 # Functions whose cumulative time cProfile reports (file suffix, function name).
 FUNCTIONS = [

@@ -17,8 +17,9 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -174,7 +175,7 @@ def main() -> None:
         text = old = path.read_text()
         for name, make in blocks.items():
             pattern = re.compile(rf"(<!-- results:{name} -->\n)(?:.*?\n)?(<!-- /results:{name} -->)", re.S)
-            text = pattern.sub(lambda m: m.group(1) + make(path) + "\n" + m.group(2), text)
+            text = pattern.sub(lambda m, make=make, path=path: m.group(1) + make(path) + "\n" + m.group(2), text)
         if text != old:
             atomic_write_text(path, text)
 

@@ -10,8 +10,7 @@ import torch
 import spkv
 from spkv.adapter import CONFIG_FILE
 
-from .test_core import logits, randomize_gates
-from .tiny_models import batch, tiny_model
+from .tiny_models import batch, logits, randomize_gates, tiny_model
 
 
 def trained_model(seed=0):

@@ -9,7 +9,7 @@ import torch
 
 import spkv
 from spkv.cache import SPKVLayer
-from spkv.compat import CACHE_ARG, cache_argument, output_cache
+from spkv.compat import CACHE_ARG, cache_argument, cache_kwarg, output_cache
 from spkv.policies import (
     H2O,
     POLICIES,
@@ -21,8 +21,7 @@ from spkv.policies import (
     StreamingLLM,
 )
 
-from .test_core import assert_close_on_real_tokens, logits, randomize_gates
-from .tiny_models import FAMILIES, batch, tiny_model
+from .tiny_models import FAMILIES, assert_close_on_real_tokens, batch, logits, randomize_gates, tiny_model
 
 
 def run_with_cache(model, ids, mask, prefill, chunk, cache=None):
@@ -34,7 +33,7 @@ def run_with_cache(model, ids, mask, prefill, chunk, cache=None):
             if start < prefill and start % chunk:
                 continue
             stop = min(prefill, start + chunk) if start < prefill else start + 1
-            out = model(input_ids=ids[:, start:stop], attention_mask=mask[:, :stop], past_key_values=cache)
+            out = model(input_ids=ids[:, start:stop], attention_mask=mask[:, :stop], **cache_kwarg(cache))
             outs.append(out.logits)
     return torch.cat(outs, dim=1), cache
 
@@ -102,7 +101,8 @@ def test_generate_uses_the_compressed_cache_and_sampling_works():
 
 
 def test_cache_argument_under_either_name():
-    """transformers 5.24 renamed past_key_values to cache: hooks find the cache under either name."""
+    """transformers 5.24 renamed past_key_values to cache: hooks find the cache under either name.
+    The old name `past_key_values` is used here on purpose (callers on transformers < 5.24 still pass it)."""
     c = object()
     assert cache_argument({"past_key_values": c}) == ("past_key_values", c)
     assert cache_argument({"cache": c, "past_key_values": None}) == ("cache", c)
@@ -118,7 +118,7 @@ def test_threshold_one_leaves_only_the_window():
     cache = spkv.SPKVCache(model)
     with torch.no_grad():
         for start in range(0, 4096, 512):
-            model(input_ids=ids[:, start:start + 512], past_key_values=cache)
+            model(input_ids=ids[:, start:start + 512], **cache_kwarg(cache))
     stats = spkv.cache_stats(cache)
     assert stats.kept.sum() == 0 and stats.decided.sum() == 2 * 2 * (4096 - window + 1)
     for layer in cache.spkv_layers():
@@ -145,11 +145,11 @@ def test_long_prefill_memory_is_bounded_by_kept_window_and_chunk():
     window, chunk, n = 32, 256, 16384
     spkv.convert(model, spkv.SPKVConfig(window=window))
     cache = spkv.SPKVCache(model, policy=RandomPolicy(threshold=0.9, seed=0))
-    cache.layers = [PeakRecorder(l.layer_idx, l.window, l.policy, l.sinks) for l in cache.layers]
+    cache.layers = [PeakRecorder(layer.layer_idx, layer.window, layer.policy, layer.sinks) for layer in cache.layers]
     ids = torch.randint(3, 90, (1, n))
     with torch.no_grad():
         for start in range(0, n, chunk):
-            model(input_ids=ids[:, start:start + chunk], past_key_values=cache)
+            model(input_ids=ids[:, start:start + chunk], **cache_kwarg(cache))
     stats = spkv.cache_stats(cache)
     kept_per_head = stats.kept.max()
     heads = 2
@@ -168,15 +168,15 @@ def test_cache_errors():
     cache = spkv.SPKVCache(model)
     ids, mask = batch(batch_size=2, length=10)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        model(input_ids=ids, attention_mask=mask, **cache_kwarg(cache))
         with pytest.raises(ValueError, match="holds 2 sequences but got 1"):
-            model(input_ids=ids[:1, :1], past_key_values=cache)
+            model(input_ids=ids[:1, :1], **cache_kwarg(cache))
         with pytest.raises(ValueError, match="exceeds the model's 64 positions"):
             model(input_ids=torch.randint(3, 90, (1, 65)))
     unconverted = tiny_model("llama")
     with pytest.raises(RuntimeError, match="without gate logits"):
         with torch.no_grad():
-            unconverted(input_ids=ids, attention_mask=mask, past_key_values=spkv.SPKVCache(model))
+            unconverted(input_ids=ids, attention_mask=mask, **cache_kwarg(spkv.SPKVCache(model)))
 
 
 # ---- policies: each keeps exactly the pairs its scores select ---------------------------------

@@ -14,28 +14,7 @@ import spkv
 from spkv.attention import flash_gated_attention, gated_attention, log_gate
 from spkv.convert import predictors
 
-from .tiny_models import FAMILIES, batch, tiny_model
-
-
-def logits(model, ids, mask, use_cache=False):
-    """use_cache=False: the full-sequence (training) path; True: the compressed cache in one prefill."""
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, use_cache=use_cache).logits
-
-
-def assert_close_on_real_tokens(a, b, mask, tol=1e-5):
-    real = mask.bool()
-    diff = (a - b).abs()[real].max().item()
-    assert diff <= tol, f"max |diff| on real tokens = {diff:.3g} > {tol}"
-
-
-def randomize_gates(model, seed=0, spread=3.0):
-    """Predictor outputs spread around u = 0.5 so a threshold of 0.5 keeps about half the pairs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in predictors(model).values():
-            p.fc2.weight.copy_(torch.randn(p.fc2.weight.shape, generator=g) * spread)
-            p.fc2.bias.zero_()
+from .tiny_models import FAMILIES, assert_close_on_real_tokens, batch, logits, randomize_gates, tiny_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -12,8 +12,7 @@ from spkv.data.heldout import HeldoutSet
 from spkv.eval.nll import nll_full_sequence, nll_with_policy
 from spkv.policies import KeepAll, SPKVPolicy
 
-from .test_core import randomize_gates
-from .tiny_models import tiny_model
+from .tiny_models import randomize_gates, tiny_model
 
 
 def tiny_heldout(n=3, length=40, seed=0) -> HeldoutSet:
@@ -21,7 +20,7 @@ def tiny_heldout(n=3, length=40, seed=0) -> HeldoutSet:
     return HeldoutSet(torch.randint(3, 97, (n, length), generator=g), [f"doc{i}" for i in range(n)], ["synthetic"] * n)
 
 
-@pytest.mark.parametrize("chunk", [1, 16])
+@pytest.mark.parametrize("chunk", [pytest.param(1, marks=pytest.mark.slow), 16])  # chunk 1: token by token, ~20 s
 def test_full_sequence_nll_and_density_equal_real_decoding(chunk):
     model = tiny_model("llama")
     spkv.convert(model, spkv.SPKVConfig(window=6, threshold=0.5))

@@ -13,11 +13,11 @@ import spkv
 from spkv.eval.lm_eval_harness import HarnessConfig, results_markdown, run_tasks
 from spkv.models import load_model
 
-from .test_core import randomize_gates
-from .test_ruler import one_thread  # noqa: F401  (autouse: one torch thread)
-from .tiny_models import save_tiny_pretrained
+from .tiny_models import randomize_gates, save_tiny_pretrained
 
 pytest.importorskip("lm_eval")
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 WORDS = 60
 
@@ -43,12 +43,6 @@ def _write_tasks(folder: Path, n_docs: int = 4, seed: int = 0) -> Path:
         "generation_kwargs:\n  until: [\"<eos>\"]\n  max_gen_toks: 6\n  do_sample: false\n"
         "metric_list:\n  - metric: exact_match\n")
     return folder
-
-
-@pytest.fixture()
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
 def _sp_kv_model(path: Path):

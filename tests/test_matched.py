@@ -12,6 +12,7 @@ import torch
 from spkv import SPKVConfig, convert, save_adapter
 from spkv.cache import SPKVCache
 from spkv.cli import main
+from spkv.compat import cache_kwarg
 from spkv.data.heldout import HeldoutSet
 from spkv.eval.analysis import analyze, fit_line
 from spkv.eval.kvzap import (
@@ -115,7 +116,7 @@ def test_expected_attention_through_the_cache_is_exact_token_by_token(control):
     cache = SPKVCache(control, policy=ExpectedAttention(threshold=0.02), sinks=0)
     with torch.no_grad():
         for s in range(ids.shape[1]):
-            control(input_ids=ids[:, s : s + 1], past_key_values=cache)
+            control(input_ids=ids[:, s : s + 1], **cache_kwarg(cache))
     layer = cache.spkv_layers()[0]
     assert layer.recent_q.shape[3] == control.spkv_config.window
     stats = cache_stats(cache)
@@ -137,6 +138,7 @@ def test_fit_line_and_analyze(control):
     assert 0 < result["density"] < 1
 
 
+@pytest.mark.slow  # ~75 s on 2 cores
 def test_eval_matched_and_analyze_cli(tmp_path, monkeypatch):
     """The quick end-to-end run CI does: tiny model, SP-KV and control adapters, every baseline."""
     path = save_tiny_pretrained(tmp_path / "model", words=60)

@@ -11,7 +11,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -20,19 +19,11 @@ from spkv.eval.tasks import prompts, report, runner
 from spkv.methods import Method
 from spkv.policies import RandomPolicy
 
-from .test_core import randomize_gates
-from .tiny_models import tiny_model
+from .tiny_models import randomize_gates, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 TOLERANCE = 24  # tokens: one haystack unit (a sentence, a word, or one cwe word's occurrences)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared, loaded CPU two threads run ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @lru_cache(maxsize=1)

@@ -141,7 +141,7 @@ def test_exported_lora_adapter_reproduces_the_trained_model(tiny_setup, tmp_path
     cfg = tiny_config(tiny_setup, tmp_path, train_llm="lora", lora_rank=4, control=control)
     model, _, base_state, _ = build_model(cfg)
     with torch.no_grad():  # stand in for training: move LoRA and predictors away from their init
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     core = model.get_base_model()
@@ -259,7 +259,7 @@ def train_recall(gated: bool, steps: int, seed: int = 0) -> tuple[float, float |
     return accuracy, float((kept / counted).mean())
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # trains 4 tiny models from scratch: minutes (about 50 on 2 loaded cores)
 def test_sp_kv_learns_when_to_write_on_synthetic_recall():
     """Medians over 3 seeds: one tiny run's density is chaotic (exploratory runs, not saved: 0.07 to
     0.30 over seeds, and float rounding of another attention kernel moved it as much); the median

@@ -1,4 +1,6 @@
-"""Tiny random-weight models of every supported family, built from configs (no downloads)."""
+"""Helpers shared by the tests (a plain module, not a test module; tests/conftest.py holds the fixtures):
+tiny random-weight models of every supported family built from configs (no downloads), their inputs,
+saved checkpoint folders, and ways to drive and compare them."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+
+from spkv.convert import predictors
 
 VOCAB = 97
 _COMMON = dict(
@@ -69,10 +73,32 @@ def save_tiny_pretrained(path: Path, words: int = 60, seed: int = 0, family: str
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>").save_pretrained(path)
     if family != "llama":
-        tiny_model(family, seed, vocab_size=len(vocab), eos_token_id=1, bos_token_id=None, max_position_embeddings=512, **config).save_pretrained(path)
+        model = tiny_model(family, seed, vocab_size=len(vocab), eos_token_id=1, bos_token_id=None, max_position_embeddings=512, **config)
+        model.save_pretrained(path)
         return path
     kw = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, eos_token_id=1, max_position_embeddings=512)
     torch.manual_seed(seed)
     LlamaForCausalLM(LlamaConfig(**{**kw, **config})).save_pretrained(path)
     return path
+
+
+def logits(model, ids, mask, use_cache=False):
+    """use_cache=False: the full-sequence (training) path; True: the compressed cache in one prefill."""
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, use_cache=use_cache).logits
+
+
+def assert_close_on_real_tokens(a, b, mask, tol=1e-5):
+    real = mask.bool()
+    diff = (a - b).abs()[real].max().item()
+    assert diff <= tol, f"max |diff| on real tokens = {diff:.3g} > {tol}"
+
+
+def randomize_gates(model, seed=0, spread=3.0):
+    """Predictor outputs spread around u = 0.5 so a threshold of 0.5 keeps about half the pairs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in predictors(model).values():
+            p.fc2.weight.copy_(torch.randn(p.fc2.weight.shape, generator=g) * spread)
+            p.fc2.bias.zero_()

@@ -1,0 +1,83 @@
+"""The command line on tiny saved models (offline, seconds): `spkv generate` and `spkv eval nll`."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+
+import spkv
+from spkv.cli import main
+from spkv.data.heldout import heldout_set
+from spkv.eval.nll import nll_full_sequence
+from spkv.models import load_model
+
+from .tiny_models import randomize_gates
+
+pytestmark = pytest.mark.usefixtures("one_thread", "offline")  # tests/conftest.py
+
+WORDS = 60  # the tiny tokenizer's words "w0" ... "w59"
+
+
+def test_generate_prints_the_text_and_the_cache_report(tiny_pretrained, tmp_path, capsys):
+    model_dir = tiny_pretrained("model", words=WORDS)
+    prompt = " ".join(f"w{(7 * i) % WORDS}" for i in range(150))  # longer than the default 128-token window
+    new_tokens = 12
+    out_json = tmp_path / "report.json"
+    main(["generate", "--model", str(model_dir), "--prompt", prompt, "--max-new-tokens", str(new_tokens),
+          "--compare-base", "--json", str(out_json)])
+    printed = capsys.readouterr().out
+    report = json.loads(out_json.read_text())
+
+    assert report["model"] == str(model_dir) and report["adapter"] is None and "provenance" in report
+    assert report["prompt_tokens"] == 150 and report["new_tokens"] == new_tokens == len(report["token_ids"])
+    assert printed.index(report["text"]) < printed.index("--- SP-KV cache report ---")
+    assert f"prompt tokens 150, generated {new_tokens}" in printed
+    cache = report["cache"]
+    assert cache["decided"] > 0, "the prompt must be longer than the window, or density counts nothing"
+    assert cache["density"] > 0.99 and cache["kept"] <= cache["decided"]  # untrained predictors keep (almost) every pair
+    assert cache["bytes_held"] > 0 and cache["bytes_full"] > 0
+    # keeping (almost) every pair, the converted model decodes what the unconverted one does
+    assert report["tokens_identical_to_base"] == new_tokens
+    assert f"the first {new_tokens} of {new_tokens} generated tokens are identical" in printed
+
+
+def test_generate_errors(tiny_pretrained, tmp_path):
+    missing = tmp_path / "no_such_prompt.txt"
+    with pytest.raises(SystemExit, match=f"prompt file {re.escape(str(missing))} does not exist"):
+        main(["generate", "--model", str(tiny_pretrained("model")), "--prompt-file", str(missing)])
+    with pytest.raises(SystemExit, match="--prompt-file F or --prompt TEXT"):
+        main(["generate", "--model", str(tiny_pretrained("model2"))])
+
+
+def test_eval_nll_sweep(tiny_pretrained, tmp_path):
+    model_dir = tiny_pretrained("model", words=WORDS)
+    model, _ = load_model(str(model_dir))
+    spkv.convert(model, spkv.SPKVConfig(window=8, threshold=0.5))
+    randomize_gates(model, seed=2)
+    adapter = spkv.save_adapter(model, tmp_path / "adapter")
+    rng = random.Random(0)
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"id": f"h{i}", "source": "words",
+                                           "text": " ".join(f"w{rng.randrange(WORDS)}" for _ in range(80 + 10 * i))}) + "\n"
+                               for i in range(3)))
+    out = tmp_path / "out"
+    main(["eval", "nll", "--model", str(model_dir), "--adapter", str(adapter), "--thresholds", "0.3", "0.7",
+          "--seq-len", "64", "--sequences", "2", "--heldout", str(heldout), "--out", str(out)])
+
+    result = json.loads((out / "nll_sweep.json").read_text())
+    assert result["seq_len"] == 64 and result["doc_ids"] == ["h0", "h1"] and result["reference"] == "base model"
+    assert [(r["method"], r["threshold"]) for r in result["rows"]] == [("base model", None), ("SP-KV", 0.3), ("SP-KV", 0.7)]
+    base_row, low, high = result["rows"]
+    assert base_row["density"] is None
+    assert 0 < high["density"] < 1, "the random gates must drop pairs at tau 0.7, or the sweep compares nothing"
+    assert low["density"] >= high["density"]  # a lower tau keeps at least as much
+    # the base model's row is exactly spkv.eval.nll on the same held-out sequences
+    base, tokenizer = load_model(str(model_dir))
+    direct = nll_full_sequence(base, heldout_set(tokenizer, seq_len=64, max_sequences=2, corpus=heldout))
+    assert base_row["nll"] == pytest.approx(direct.nll, abs=1e-6)
+    assert base_row["nll_per_sequence"] == pytest.approx(direct.nll_per_sequence, abs=1e-6)
+    table = (out / "nll_sweep.md").read_text()
+    assert "| base model |  |" in table and "| SP-KV | 0.3 |" in table and "| SP-KV | 0.7 |" in table
