@@ -146,7 +146,8 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"No SP-KV adapter at {path}: {CONFIG_FILE} is missing (save one with spkv.save_adapter).")
     meta = json.loads(cfg_file.read_text())
     if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
-        raise ValueError(f"{cfg_file} is not an spkv adapter of version <= {VERSION} (format={meta.get('format')!r}, version={meta.get('version')!r}).")
+        raise ValueError(f"{cfg_file} is not an spkv adapter of version <= {VERSION} "
+                         f"(format={meta.get('format')!r}, version={meta.get('version')!r}).")
     return meta
 
 

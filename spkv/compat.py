@@ -21,7 +21,8 @@ against the installed transformers, so a release that moves one fails a test tha
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import transformers

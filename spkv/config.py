@@ -54,7 +54,7 @@ class SPKVConfig:
         self.anneal_alpha = float(self.anneal_alpha)
         self.bias_init = float(self.bias_init)
 
-    def replace(self, **changes: Any) -> "SPKVConfig":
+    def replace(self, **changes: Any) -> SPKVConfig:
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
@@ -65,7 +65,7 @@ class SPKVConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SPKVConfig":
+    def from_dict(cls, data: dict[str, Any]) -> SPKVConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
@@ -73,7 +73,7 @@ class SPKVConfig:
         return cls(**data)
 
     @classmethod
-    def from_json(cls, text: str) -> "SPKVConfig":
+    def from_json(cls, text: str) -> SPKVConfig:
         return cls.from_dict(json.loads(text))
 
 

@@ -8,8 +8,9 @@ mask interfaces and ordinary PyTorch hooks.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn

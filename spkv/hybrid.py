@@ -60,7 +60,7 @@ class HybridLayout:
         return json.dumps({**asdict(self), "global_share": self.global_share}, indent=2)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "HybridLayout":
+    def load(cls, path: str | os.PathLike) -> HybridLayout:
         data = json.loads(Path(path).read_text())
         data.pop("global_share", None)
         return cls(**data)

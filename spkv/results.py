@@ -11,8 +11,9 @@ import shlex
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:

@@ -51,7 +51,7 @@ class CacheStats:
 
 
 def cache_stats(cache: SPKVCache) -> CacheStats:
-    layers = [l for l in cache.spkv_layers() if l.is_initialized]
+    layers = [layer for layer in cache.spkv_layers() if layer.is_initialized]
     if not layers:
         raise ValueError("This SP-KV cache is empty: run a forward pass with it first.")
     held = used = full = 0
@@ -60,6 +60,6 @@ def cache_stats(cache: SPKVCache) -> CacheStats:
         held, used = held + h, used + u
         full += layer.seen * layer.batch_size * layer.num_kv_heads * layer.bytes_per_pair
     return CacheStats(
-        kept=torch.stack([l.kept for l in layers]), decided=torch.stack([l.decided for l in layers]),
-        layers=[l.layer_idx for l in layers], bytes_held=held, bytes_used=used, bytes_full=full,
+        kept=torch.stack([x.kept for x in layers]), decided=torch.stack([x.decided for x in layers]),
+        layers=[x.layer_idx for x in layers], bytes_held=held, bytes_used=used, bytes_full=full,
     )

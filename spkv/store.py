@@ -101,21 +101,21 @@ class PagedStore:
         """Unnormalised attention of each head's queries over its stored pairs, for every head at once.
 
         query [heads, Q, D] -> (m [heads, Q]: the max score, -inf for an empty head;
-        l [heads, Q]: sum of exp(score - m); o [heads, Q, D]: sum of exp(score - m) * value), float32,
+        denom [heads, Q]: sum of exp(score - m); o [heads, Q, D]: sum of exp(score - m) * value), float32,
         so the caller can merge them with the window's part (a softmax split in two)."""
         heads, nq, d = query.shape
         m = torch.full((heads, nq), float("-inf"), device=query.device)
-        l, o = torch.zeros(heads, nq, device=query.device), torch.zeros(heads, nq, d, device=query.device)
+        denom, o = torch.zeros(heads, nq, device=query.device), torch.zeros(heads, nq, d, device=query.device)
         if self.pages == 0:
-            return m, l, o
+            return m, denom, o
         owner = self.owner[: self.pages]
         scores = torch.baddbmm(self.free_bias[: self.pages].unsqueeze(1), query[owner],
                                self.k[: self.pages].transpose(1, 2), alpha=scaling).float()  # [pages, Q, page]
         m.scatter_reduce_(0, owner.unsqueeze(1).expand(-1, nq), scores.amax(-1), "amax")
         e = scores.sub_(m[owner].unsqueeze(-1)).exp_()
-        l.index_add_(0, owner, e.sum(-1))
+        denom.index_add_(0, owner, e.sum(-1))
         o.index_add_(0, owner, torch.bmm(e.to(self.v.dtype), self.v[: self.pages].transpose(1, 2)).float())
-        return m, l, o
+        return m, denom, o
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Head j takes old head rows[j]'s pairs (beam search). Pages are copied, not shared: two beams

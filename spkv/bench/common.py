@@ -4,8 +4,9 @@ settings from CLI values, console summaries."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import fields, replace
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM

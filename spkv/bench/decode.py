@@ -430,7 +430,8 @@ def decode_markdown(result: dict[str, Any]) -> str:
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['cache']} | {r['context']} | {r['batch']} | {r.get('fill', '')} | {_num(r.get('fill_s'))} | {_num(r['step_ms'])} | {_num(r['tokens_per_s'], '.1f')} "
+            f"| {r['cache']} | {r['context']} | {r['batch']} | {r.get('fill', '')} | {_num(r.get('fill_s'))} "
+            f"| {_num(r['step_ms'])} | {_num(r['tokens_per_s'], '.1f')} "
             f"| {_num(r['speedup_vs_static'])} | {_num(r['speedup_vs_dynamic'])} | {_mib(r['kv_bytes_held'])} "
             f"| {_mib(r['kv_bytes_read'])} | {_num(r['density'], '.3f')} | {_num(r['predicted_ms'])} "
             f"| {_num(r['measured_over_predicted'])} | {_num(r['row_peak_rss_delta_mib'], '.0f')} "

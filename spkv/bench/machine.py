@@ -9,8 +9,9 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -90,7 +91,7 @@ class RSSSampler:
             if now is not None and self.peak is not None:
                 self.peak = max(self.peak, now)
 
-    def __enter__(self) -> "RSSSampler":
+    def __enter__(self) -> RSSSampler:
         if self.baseline is not None:
             self._thread.start()
         return self

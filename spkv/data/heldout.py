@@ -51,7 +51,7 @@ class HeldoutSet:
     doc_ids: list[str]
     sources: list[str]
 
-    def subset(self, n: int) -> "HeldoutSet":
+    def subset(self, n: int) -> HeldoutSet:
         return HeldoutSet(self.input_ids[:n], self.doc_ids[:n], self.sources[:n])
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -160,11 +161,13 @@ def matched_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Held-out NLL of {result['model']} at {result['seq_len']} tokens on {result['sequences']} documents never seen in "
         f"training. Baselines run on the dense control through the compressed cache (window 128, {result['settings']['sinks']} "
-        f"sinks, prefill chunk {result['settings']['exact_chunk']} for write-time scores and {result['settings']['chunk']} for attention-based ones), each threshold calibrated to SP-KV's density "
+        f"sinks, prefill chunk {result['settings']['exact_chunk']} for write-time scores and "
+        f"{result['settings']['chunk']} for attention-based ones), each threshold calibrated to SP-KV's density "
         f"({100 * result['target_density']:.1f}% at tau {result['tau']:g}) within {100 * result['settings']['tolerance']:.0f} point. "
         "dNLL% is against the dense control (± paired standard error over documents).",
         "",
-        "| method | threshold | density (layers x heads) | density (token-weighted) | NLL | dNLL% vs control | dNLL% vs base | chunking error (NLL and density, chunked minus exact) |",
+        "| method | threshold | density (layers x heads) | density (token-weighted) | NLL | dNLL% vs control | "
+        "dNLL% vs base | chunking error (NLL and density, chunked minus exact) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:

@@ -140,7 +140,8 @@ def sweep_markdown(result: dict[str, Any]) -> str:
         f"Held-out NLL at {result['seq_len']} tokens, {result['sequences']} documents never seen in training; "
         f"adapter trained on {result['train_tokens']} tokens. dNLL% vs the {result['reference']}.",
         "",
-        "| method | tau | NLL (± s.e. over documents) | dNLL% vs reference (± paired s.e.) | dNLL% vs base | density (mean layers x heads) | density (token-weighted) |",
+        "| method | tau | NLL (± s.e. over documents) | dNLL% vs reference (± paired s.e.) | dNLL% vs base "
+        "| density (mean layers x heads) | density (token-weighted) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r, se in zip(result["rows"], paired):

@@ -12,10 +12,10 @@ from typing import ClassVar
 
 import torch
 
-POLICIES: dict[str, type["ScoringPolicy"]] = {}
+POLICIES: dict[str, type[ScoringPolicy]] = {}
 
 
-def register_policy(cls: type["ScoringPolicy"]) -> type["ScoringPolicy"]:
+def register_policy(cls: type[ScoringPolicy]) -> type[ScoringPolicy]:
     """Class decorator: list a policy in POLICIES under its own `name`.
 
     Explicit, so a subclass made for a variant is not registered by accident, and checked: a class

@@ -68,14 +68,19 @@ class TrainConfig:
     window: int = _opt(128, "local window: recent pairs always kept")
     threshold: float = _opt(0.5, "tau the adapter deploys with (changeable later with set_threshold)")
     predictor_hidden: int = _opt(64, "hidden units of each layer's utility predictor")
-    density_target: float | None = _opt(None, "optional regulariser's target soft density in (0, 1): penalised above it, and below it too with --density-two-sided (needs --density-weight)")
+    density_target: float | None = _opt(None, "optional regulariser's target soft density in (0, 1): penalised above it, and below it "
+                                              "too with --density-two-sided (needs --density-weight)")
     density_two_sided: bool = _opt(False, "penalise the soft density's distance from --density-target on both sides (default: only above it)")
     density_weight: float = _opt(0.0, "weight of the density regulariser")
-    density_ramp_steps: int = _opt(0, "ramp the regulariser's target linearly from 1 down to --density-target over this many steps (0: constant target)")
+    density_ramp_steps: int = _opt(0, "ramp the regulariser's target linearly from 1 down to --density-target over "
+                                      "this many steps (0: constant target)")
     distill_weight: float = _opt(0.0, "optional KL to the frozen original model")
-    bf16: bool | None = _opt(None, "bf16 autocast; default: on where this hardware runs bf16 fast (a GPU with bf16, a CPU with native bf16), else fp32")
-    synthetic_fraction: float = _opt(0.0, "share of training sequences turned into long-range tasks (facts hidden in the text, asked at the end; spkv.data.synthetic), in [0, 1)")
-    activation_checkpointing: bool = _opt(False, "recompute each layer's activations in backward: much less memory for long --seq-len, at the cost of a second forward per layer")
+    bf16: bool | None = _opt(None, "bf16 autocast; default: on where this hardware runs bf16 fast (a GPU with "
+                                   "bf16, a CPU with native bf16), else fp32")
+    synthetic_fraction: float = _opt(0.0, "share of training sequences turned into long-range tasks (facts hidden in the text, "
+                                          "asked at the end; spkv.data.synthetic), in [0, 1)")
+    activation_checkpointing: bool = _opt(False, "recompute each layer's activations in backward: much less memory for long "
+                                                 "--seq-len, at the cost of a second forward per layer")
     seed: int = _opt(0, "data order and initialisation")
     checkpoint_every: int = _opt(25, "steps between atomic checkpoints")
     delta_rank: int | None = _opt(None, "train_llm=all: store weight changes as rank-r SVD (lossy) in the adapter")

@@ -147,7 +147,8 @@ def save_checkpoint(path: Path, model, optimizer, step: int, cfg: TrainConfig) -
 def load_checkpoint(path: Path, model, optimizer, cfg: TrainConfig) -> int:
     state = torch.load(path, weights_only=False)
     saved = TrainConfig(**state["config"])
-    differs = [f.name for f in dataclasses.fields(cfg) if f.name not in ("out", "checkpoint_every") and getattr(saved, f.name) != getattr(cfg, f.name)]
+    free = ("out", "checkpoint_every")  # may change between a run and its resume
+    differs = [f.name for f in dataclasses.fields(cfg) if f.name not in free and getattr(saved, f.name) != getattr(cfg, f.name)]
     if differs:
         raise ValueError(f"Checkpoint {path} was made with different settings ({', '.join(differs)}); resume with the same ones or use a new --out.")
     missing = set(state["model"]) - {n for n, _ in model.named_parameters()}

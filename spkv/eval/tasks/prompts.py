@@ -161,11 +161,11 @@ class Haystack:
         self.units, self.cycle = units, cycle
 
     @classmethod
-    def noise(cls) -> "Haystack":
+    def noise(cls) -> Haystack:
         return cls(list(NOISE), cycle=True)
 
     @classmethod
-    def corpus(cls, path: str | Path | None = None, max_words: int = 400_000) -> "Haystack":
+    def corpus(cls, path: str | Path | None = None, max_words: int = 400_000) -> Haystack:
         """Words of held-out documents in file order (never trained on); needs `spkv data`."""
         words: list[str] = []
         for doc in read_heldout(path):

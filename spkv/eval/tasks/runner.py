@@ -148,7 +148,7 @@ def run_methods(model: torch.nn.Module, tokenizer: Any, methods: list[Method], l
         prior = done.get(m.label)
         head = {"method": m.name, "label": m.label, "threshold": m.threshold, "sinks": m.sinks}
 
-        def on_row(rows: list[dict[str, Any]]) -> None:
+        def on_row(rows: list[dict[str, Any]], head: dict[str, Any] = head) -> None:
             if save is not None:
                 save({**header, "methods": runs + [{**head, "partial": True, "samples": rows}]})
 
