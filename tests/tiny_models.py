@@ -31,6 +31,25 @@ _COMMON = dict(
 )
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+# Families added later, tested in tests/test_families.py (fewer tests each, to keep the suite short):
+# model_type -> config overrides; hybrid ones with 3 sliding / linear layers and 1 full layer.
+_HYBRID = {"num_hidden_layers": 4, "sliding_window": 8, "layer_types": ["sliding_attention"] * 3 + ["full_attention"]}
+_LINEAR = {"num_hidden_layers": 4, "head_dim": 8, "layer_types": ["linear_attention"] * 3 + ["full_attention"],
+           "linear_num_value_heads": 2, "linear_num_key_heads": 2, "linear_key_head_dim": 8, "linear_value_head_dim": 8}
+MORE_FAMILIES = {
+    "gemma4_text": {**_HYBRID, "head_dim": 16},
+    "qwen3_5_text": _LINEAR,
+    "qwen3_next": {**_LINEAR, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+                   "shared_expert_intermediate_size": 16},
+    "smollm3": {"num_hidden_layers": 4},
+    "olmo2": {},
+    "olmo3": _HYBRID,
+    "granite": {},
+    "glm4": {"head_dim": 8},
+    "cohere2": _HYBRID,
+    "exaone4": _HYBRID,
+    "phi3": {},
+}
 
 
 def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> torch.nn.Module:
@@ -50,6 +69,10 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, *
         kw.setdefault("sliding_window", 8)
         kw.setdefault("layer_types", ["sliding_attention"] * (kw["num_hidden_layers"] - 1) + ["full_attention"])
         model = Gemma3ForCausalLM(Gemma3TextConfig(**kw))
+    elif family in MORE_FAMILIES:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **{**kw, **MORE_FAMILIES[family], **overrides}))
     else:
         raise ValueError(family)
     return model.to(dtype).eval()
