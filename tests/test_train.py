@@ -276,3 +276,52 @@ def test_sp_kv_learns_when_to_write_on_synthetic_recall():
 # issue's "a few points": facts whose gate ends the soft phase below tau are lost for good (see the
 # closing note of the training issue), so the bound is 8 points until the recipe closes that gap.
 STEPS, ACCURACY_GAP = 1200, 0.08
+
+
+def test_data_mix_replaces_a_seeded_share_of_rows(tiny_setup, tmp_path):
+    """synthetic_fraction turns the seeded slots into long-range sequences of the same length;
+    the others stay the packed text, and the mix is the same on every call (a resume replays it)."""
+    from spkv.data.synthetic import is_synthetic
+    from spkv.train.loop import packed_sequences, training_sequence
+
+    cfg = tiny_config(tiny_setup, tmp_path, seq_len=128, synthetic_fraction=0.5)
+    model, tokenizer, _, _ = build_model(cfg)
+    data = packed_sequences(cfg, tokenizer, tmp_path / "packed")
+    flags = [is_synthetic(cfg.seed, slot, cfg.synthetic_fraction) for slot in range(40)]
+    assert 0 < sum(flags) < 40
+    for slot, synthetic in enumerate(flags):
+        row = slot % len(data)
+        ids = training_sequence(cfg, data, row, slot, tokenizer)
+        assert ids.shape == (1, 128)
+        assert torch.equal(ids[0], data[row].long()) != synthetic
+        if synthetic:
+            assert int(ids[0, -1]) == tokenizer.eos_token_id
+        assert torch.equal(ids, training_sequence(cfg, data, row, slot, tokenizer))
+    with pytest.raises(ValueError, match="synthetic_fraction"):
+        tiny_config(tiny_setup, tmp_path, synthetic_fraction=1.0)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_setup, tmp_path):
+    from spkv.train.loop import step_loss
+
+    ids = torch.randint(2, 60, (1, 32), generator=torch.Generator().manual_seed(0))
+    results = []
+    for checkpointing in (False, True):
+        cfg = tiny_config(tiny_setup, tmp_path, activation_checkpointing=checkpointing, density_target=0.3, density_weight=1.0)
+        model, _, _, _ = build_model(cfg)
+        loss, _ = step_loss(cfg, model, None, ids, 0)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and any("spkv_predictor" in n for n in grads_a)
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5), name
+
+
+def test_long_sequence_mix_run_end_to_end(tiny_setup, tmp_path):
+    cfg = tiny_config(tiny_setup, tmp_path / "mix", seq_len=128, max_tokens=2 * 2 * 128, synthetic_fraction=0.5,
+                      activation_checkpointing=True)
+    adapter = train(cfg)
+    assert (adapter / "adapter.safetensors").is_file()
+    assert len((tmp_path / "mix" / "log.jsonl").read_text().splitlines()) == 2
