@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 import spkv
+from spkv.eval.stats import wilson_interval
 from spkv.eval.tasks import prompts, report, runner
 from spkv.methods import Method
 from spkv.policies import RandomPolicy
@@ -150,7 +151,8 @@ def test_string_match_scoring():
     assert runner.string_match_all("no numbers", answers) == 0.0
     assert runner.string_match_all("The words: Apple, BANANA", ["apple", "banana", "cherry"]) == pytest.approx(2 / 3)
     rows = [{"task": "t", "length": 8, "score": s, "density": d, "prompt_tokens": 5} for s, d in [(1.0, 0.2), (0.5, None)]]
-    assert report.summarize(rows) == [{"task": "t", "length": 8, "n": 2, "score": 0.75, "density": 0.2, "prompt_tokens": 5}]
+    assert report.summarize(rows) == [{"task": "t", "length": 8, "n": 2, "score": 0.75,
+                                       "score_ci": list(wilson_interval(1.5, 2)), "density": 0.2, "prompt_tokens": 5}]
 
 
 def test_too_short_a_length_says_so():
