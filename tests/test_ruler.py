@@ -224,19 +224,20 @@ def test_cli_quick(tmp_path, monkeypatch):
 
 
 def test_tasks_markdown_summary_rows():
-    """Per length and over all cells: mean score, retention vs dense, mean density."""
-    def cell(task, length, score, density):
-        return {"task": task, "length": length, "score": score, "density": density}
+    """Per length and over all cells: mean score (with its interval), density, retention vs dense."""
+    def run(label, cells):
+        return {"method": label, "label": label,
+                "cells": [{"task": t, "length": n, "score": s, "density": d} for t, n, s, d in cells],
+                "samples": [{"task": t, "length": n, "index": 0, "score": s} for t, n, s, _ in cells]}
 
     result = {"lengths": [1024, 2048], "tasks": ["a", "b"], "samples_per_cell": 1, "seed": 0, "config": {},
-              "methods": [{"method": "dense", "label": "dense", "cells": [cell("a", 1024, 1.0, 1.0), cell("b", 1024, 0.5, 1.0),
-                                                                          cell("a", 2048, 0.5, 1.0), cell("b", 2048, 0.0, 1.0)]},
-                          {"method": "spkv", "label": "spkv", "cells": [cell("a", 1024, 0.5, 0.2), cell("b", 1024, 0.25, 0.4),
-                                                                        cell("a", 2048, 0.5, 0.1), cell("b", 2048, 0.25, 0.1)]}]}
+              "methods": [run("dense", [("a", 1024, 1.0, 1.0), ("b", 1024, 0.5, 1.0), ("a", 2048, 0.5, 1.0), ("b", 2048, 0.0, 1.0)]),
+                          run("spkv", [("a", 1024, 0.5, 0.2), ("b", 1024, 0.25, 0.4), ("a", 2048, 0.5, 0.1), ("b", 2048, 0.25, 0.1)])]}
     table = report.tasks_markdown(result)
-    assert "| spkv | 1024 | 37.5 | 50.0% | 30.0% |" in table
-    assert "| spkv | 2048 | 37.5 | 150.0% | 10.0% |" in table
-    assert "| spkv | all | 37.5 | 75.0% | 20.0% |" in table and "| dense | all | 50.0 | 100.0% | 100.0% |" in table
+    assert "| spkv | 1024 | 37.5 [" in table and "| 30.0% | 50.0% [" in table
+    assert "| spkv | 2048 | 37.5 [" in table and "| 10.0% | 150.0% [" in table
+    assert "| spkv | all | 37.5 [" in table and "| 20.0% | 75.0% [" in table
+    assert "| dense | all | 50.0 [" in table and "| 100.0% | 100.0% [100, 100] |" in table
 
 
 def test_cli_match_density_and_resume(tmp_path, monkeypatch):

@@ -138,7 +138,8 @@ def sweep_markdown(result: dict[str, Any]) -> str:
     paired = paired_dnll_stderr(result["rows"], reference)
     lines = [
         f"Held-out NLL at {result['seq_len']} tokens, {result['sequences']} documents never seen in training; "
-        f"adapter trained on {result['train_tokens']} tokens. dNLL% vs the {result['reference']}.",
+        + (f"adapter trained on {result['train_tokens']} tokens. " if result.get("train_tokens") else "")
+        + f"dNLL% vs the {result['reference']}.",
         "",
         "| method | tau | NLL (± s.e. over documents) | dNLL% vs reference (± paired s.e.) | dNLL% vs base "
         "| density (mean layers x heads) | density (token-weighted) |",
