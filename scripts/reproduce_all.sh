@@ -19,7 +19,7 @@ stamps=runs/reproduce
 mkdir -p $stamps
 
 STEP_ORDER=(data core train_reg25 train_smollm2 eval_smollm2 train_options eval_matched analyze
-            train_gemma3 eval_tasks_gemma3 bench readme)
+            train_gemma3 eval_nll_gemma3 eval_tasks_gemma3 bench readme)
 
 set_aside() {  # move committed result files of a step aside, once, before it first starts
   local step=$1; shift
@@ -42,6 +42,7 @@ run_step() {
     eval_matched) ANALYZE=0 bash scripts/eval_matched_smollm2.sh ;;
     analyze) bash scripts/analyze_smollm2.sh ;;
     train_gemma3) bash scripts/train_gemma3.sh ;;
+    eval_nll_gemma3) bash scripts/eval_nll_gemma3.sh ;;
     eval_tasks_gemma3)
       set_aside eval_tasks_gemma3 results/tasks/gemma3/{tasks,tasks.partial,calibration}.json \
           results/tasks/gemma3-spkv/{tasks,tasks.partial,calibration}.json

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # docs/results.md blocks: name -> (markdown written by the run, its JSON)
 BLOCKS = {
     "train": ("results/train/nll_sweep.md", "results/train/nll_sweep.json"),
+    "train_gemma3": ("results/train/gemma3/nll-2k/nll_sweep.md", "results/train/gemma3/nll-2k/nll_sweep.json"),
     "train_options": ("results/train/options.md", "results/train/options.json"),
     "matched": ("results/eval/smollm2/matched.md", "results/eval/smollm2/matched.json"),
     "analysis": ("results/analysis/smollm2/analysis.md", "results/analysis/smollm2/analysis.json"),
