@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from torch import nn
 
 from spkv.config import SPKVConfig
 from spkv.convert import convert, is_converted, update_config
+from spkv.results import atomic_write_dir
 
 FORMAT = "spkv-adapter"
 VERSION = 1
@@ -53,32 +53,6 @@ def base_identity(model: nn.Module) -> dict[str, Any]:
 
 def _probe(weight: torch.Tensor) -> list[float]:
     return weight.detach().flatten()[:: max(1, weight.numel() // _PROBE_SIZE)][:_PROBE_SIZE].float().tolist()
-
-
-def _atomic_dir_write(path: Path, files: dict[str, Any]) -> None:
-    """Write an adapter folder so a crash leaves either the old adapter or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        for name, write in files.items():
-            write(tmp / name)
-            os.chmod(tmp / name, 0o644)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an adapter is meant to be shared
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / "adapter")
-            os.replace(tmp, path)
-            for f in (old / "adapter").iterdir():
-                f.unlink()
-            (old / "adapter").rmdir()
-            old.rmdir()
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        for f in tmp.glob("*"):
-            f.unlink()
-        tmp.rmdir()
-        raise
 
 
 def save_adapter(
@@ -126,11 +100,11 @@ def save_adapter(
         "contents": contents,
         "metadata": metadata or {},
     }
-    _atomic_dir_write(path, {
-        WEIGHTS_FILE: lambda p: save_file(tensors, str(p)),
-        CONFIG_FILE: lambda p: p.write_text(json.dumps(meta, indent=2)),
-    })
-    return path
+    def fill(folder: Path) -> None:
+        save_file(tensors, str(folder / WEIGHTS_FILE))
+        (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+
+    return atomic_write_dir(path, fill)
 
 
 def _identity_of_base(model: nn.Module, base_state: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +21,14 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from spkv.adapter import PREDICTOR_KEY
 from spkv.config import SPKVConfig
 from spkv.convert import convert, is_converted
+from spkv.results import atomic_write_dir
 
 FORMAT = "spkv-model"
 VERSION = 1
 MODEL_TYPE = "spkv (an SP-KV checkpoint: load it with spkv.load_model(path))"
-PREDICTOR_KEY = ".spkv_predictor."
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -46,28 +45,19 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
         model = model.merge_and_unload()
     if not is_converted(model):
         raise ValueError("save_pretrained needs an SP-KV model: spkv.load_adapter(model, path) or spkv.convert(model) first.")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        model.save_pretrained(tmp, **kwargs)
+
+    def fill(folder: Path) -> None:
+        model.save_pretrained(folder, **kwargs)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        config_file = tmp / "config.json"
+            tokenizer.save_pretrained(folder)
+        config_file = folder / "config.json"
         config = json.loads(config_file.read_text())
         config["spkv"] = {"format": FORMAT, "version": VERSION, "base_model_type": config["model_type"],
                           "config": model.spkv_config.to_dict()}
         config["model_type"] = MODEL_TYPE
         config_file.write_text(json.dumps(config, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
 
+    return atomic_write_dir(path, fill)
 
 def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The converted model of a save_pretrained folder, in eval mode, with its predictors and settings."""

@@ -28,8 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from spkv.adapter import PREDICTOR_KEY
 from spkv.config import SPKVConfig
-from spkv.convert import convert, is_converted, predictors
+from spkv.convert import convert, is_converted, predictors, set_threshold
+from spkv.results import atomic_write_dir
 
 DESIGNS = ("learned-head", "learned-layer", "interleave", "random-head")
 _OPEN, _CLOSED = 30.0, -30.0  # constant predictor logits: u = 1 - 1e-13 and 1e-13
@@ -116,8 +118,6 @@ def apply_layout(model: nn.Module, layout: HybridLayout) -> nn.Module:
             p.fc2.weight.zero_()
             p.fc2.bias.copy_(torch.tensor([_OPEN if g else _CLOSED for g in row], dtype=p.fc2.bias.dtype))
             p.requires_grad_(False)
-    from spkv.convert import set_threshold
-
     set_threshold(model, 0.5)
     model.spkv_hybrid = layout
     return model
@@ -161,16 +161,17 @@ def export(model: nn.Module, layout: HybridLayout, path: str | os.PathLike, toke
     base = getattr(model, "get_base_model", lambda: model)()
     config = export_config(base.config, layout)
     target = AutoModelForCausalLM.from_config(config).to(next(base.parameters()).dtype)
-    state = {k: v for k, v in base.state_dict().items() if ".spkv_predictor." not in k}
+    state = {k: v for k, v in base.state_dict().items() if PREDICTOR_KEY not in k}
     missing, unexpected = target.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise ValueError(f"The export target does not hold the weights exactly (missing {missing[:3]}, unexpected {unexpected[:3]}).")
     if config.tie_word_embeddings:
         target.tie_weights()
-    path = Path(path)
-    target.save_pretrained(path)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    (path / "spkv_hybrid_layout.json").write_text(layout.to_json())
-    return path
+    def fill(folder: Path) -> None:
+        target.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        (folder / "spkv_hybrid_layout.json").write_text(layout.to_json())
+
+    return atomic_write_dir(path, fill)

@@ -34,6 +34,32 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     return path
 
 
+def atomic_write_dir(path: str | os.PathLike, fill: Callable[[Path], Any]) -> Path:
+    """The folder version: `fill(tmp)` writes every file into a temporary sibling folder, which then
+    replaces `path` by renames, so a crash leaves the old folder or the new one, never half of one."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        fill(tmp)
+        for f in tmp.rglob("*"):
+            os.chmod(f, 0o755 if f.is_dir() else 0o644)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; these folders are meant to be shared
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str | Iterable[str]) -> Path:
     """Atomic UTF-8 text; `text` may be one string or an iterable of chunks (streamed, for large files)."""
     def write(tmp: Path) -> None:
