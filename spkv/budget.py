@@ -66,25 +66,33 @@ def density_at(us: list[torch.Tensor], tau: float) -> tuple[float, float]:
     return mean, weighted
 
 
-def kv_bytes(model: torch.nn.Module, context: int, batch_size: int, density_token_weighted: float) -> tuple[int, int]:
-    """(predicted, full) KV bytes at `context` tokens for `batch_size` sequences, every layer."""
-    text = model.config.get_text_config(decoder=True)
-    cfg = model.spkv_config
-    kv_heads = text.num_key_value_heads
+def predicted_kv_bytes(config: Any, context: int, batch_size: int, element_size: int, gated: Iterable[int] = (),
+                       window: int = 0, kept_share: float = 1.0) -> int:
+    """KV bytes a cache holds after `context` tokens: full-attention layers every pair, sliding ones
+    at most their window, gated (SP-KV) layers their window plus `kept_share` of the pairs that left
+    it. With no gated layers, what a full cache holds. The one KV-size formula (the benchmarks use it)."""
+    text = config.get_text_config(decoder=True)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    per_pair = 2 * head_dim * next(model.parameters()).element_size() * kv_heads * batch_size
-    layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
-    window = getattr(text, "sliding_window", None)
-    held = full = 0
-    for i, kind in enumerate(layer_types):
-        full += context * per_pair
-        if i in cfg.layers:
-            held += (min(cfg.window, context) + density_token_weighted * max(0, context - cfg.window)) * per_pair
-        elif kind == "sliding_attention" and window:
-            held += min(window, context) * per_pair
+    per_pair = 2 * batch_size * text.num_key_value_heads * head_dim * element_size
+    types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    sliding = getattr(text, "sliding_window", None) or context
+    gated = set(gated)
+    pairs = 0.0
+    for i, kind in enumerate(types):
+        if i in gated:
+            pairs += min(window, context) + kept_share * max(0, context - window)
         else:
-            held += context * per_pair
-    return int(held), int(full)
+            pairs += context if kind == "full_attention" else min(context, sliding)
+    return int(pairs * per_pair)
+
+
+def model_kv_bytes(model: torch.nn.Module, context: int, batch_size: int, kept_share: float) -> tuple[int, int]:
+    """(predicted, full) KV bytes of a converted model at `context` x `batch_size`, keeping
+    `kept_share` of the out-of-window pairs of its gated layers."""
+    element = next(model.parameters()).element_size()
+    cfg = model.spkv_config
+    return (predicted_kv_bytes(model.config, context, batch_size, element, cfg.layers, cfg.window, kept_share),
+            predicted_kv_bytes(model.config, context, batch_size, element))
 
 
 def calibrate(model: torch.nn.Module, texts: Iterable[str] | None = None, tokenizer: Any = None, *,
@@ -115,7 +123,7 @@ def calibrate(model: torch.nn.Module, texts: Iterable[str] | None = None, tokeni
     tokens = sum(int(i.numel()) for i in input_ids)
     context = context or max(int(i.numel()) for i in input_ids)
     if kv_bytes_limit is not None:
-        floor, _ = kv_bytes(model, context, batch_size, 0.0)
+        floor, _ = model_kv_bytes(model, context, batch_size, 0.0)
         if kv_bytes_limit < floor:
             raise ValueError(f"{kv_bytes_limit / 2**20:.1f} MiB is below the smallest cache at {context} tokens x {batch_size} "
                              f"({floor / 2**20:.1f} MiB: the {cfg.window}-token window and the ungated layers). Allow more "
@@ -123,7 +131,7 @@ def calibrate(model: torch.nn.Module, texts: Iterable[str] | None = None, tokeni
 
     def fits(us: list[torch.Tensor], tau: float) -> bool:  # monotone: a higher tau keeps fewer pairs
         mean, weighted = density_at(us, tau)
-        return mean <= density if density is not None else kv_bytes(model, context, batch_size, weighted)[0] <= kv_bytes_limit
+        return mean <= density if density is not None else model_kv_bytes(model, context, batch_size, weighted)[0] <= kv_bytes_limit
 
     def solve(us: list[torch.Tensor]) -> float:
         """The smallest tau that fits, placed midway between two recorded utilities, so that tiny
@@ -149,5 +157,5 @@ def calibrate(model: torch.nn.Module, texts: Iterable[str] | None = None, tokeni
     if not apply:
         set_threshold(model, old_tau)
     mean, weighted = density_at(us, tau)
-    held, full = kv_bytes(model, context, batch_size, weighted)
+    held, full = model_kv_bytes(model, context, batch_size, weighted)
     return BudgetResult(tau, mean, weighted, context, batch_size, held, full, tokens)

@@ -193,16 +193,6 @@ def kv_bytes(cache: Cache) -> dict[str, Any]:
     }
 
 
-def full_kv_bytes(config: Any, context: int, batch: int, element_size: int) -> int:
-    """What a full cache of `context` tokens holds (sliding layers hold at most their window)."""
-    config = config.get_text_config(decoder=True)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_token = 2 * batch * config.num_key_value_heads * head_dim * element_size
-    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    window = getattr(config, "sliding_window", None) or context
-    return sum(per_token * (context if t == "full_attention" else min(context, window)) for t in types)
-
-
 def settings_from(cls: type, given: dict[str, Any], quick_overrides: dict[str, Any] | None = None) -> Any:
     """Settings dataclass from the given values (None = not given; other keys ignored), on top of the
     defaults, or of `quick_overrides` when given."""

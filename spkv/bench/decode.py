@@ -50,7 +50,6 @@ from spkv.bench.common import (
     _mib,
     _num,
     chunked_prefill,
-    full_kv_bytes,
     kv_bytes,
     kv_head_shape,
     model_info,
@@ -66,6 +65,7 @@ from spkv.bench.machine import (
     weight_bytes,
     weight_bytes_read,
 )
+from spkv.budget import predicted_kv_bytes
 from spkv.cache import SPKVCache
 from spkv.compat import CACHE_ARG
 from spkv.policies import RandomPolicy, StreamingLLM
@@ -202,7 +202,7 @@ def fill_cache(model: torch.nn.Module, cache: Cache, fill: str, ids: torch.Tenso
 def expected_kv_bytes(s: DecodeSettings, spec: CacheSpec, model: torch.nn.Module, context: int, batch: int) -> float:
     """KV bytes the row's cache is expected to hold at the end of the run (the memory budget's estimate)."""
     element = next(model.parameters()).element_size()
-    full = full_kv_bytes(model.config, context + s.warmup + s.steps * s.repeats, batch, element)
+    full = predicted_kv_bytes(model.config, context + s.warmup + s.steps * s.repeats, batch, element)
     window_share = min(1.0, s.window / context) if spec.variant != "base" else 0.0
     return full * min(1.0, spec.kv_fraction + window_share)
 
@@ -244,7 +244,7 @@ def decode_row(s: DecodeSettings, spec: CacheSpec, pool: ModelPool, context: int
     row.tokens_per_s = batch / (row.step_ms / 1000)
     kv = kv_bytes(cache)
     row.kv_bytes_held, row.kv_bytes_read = kv["held"], kv["read"]
-    row.kv_bytes_full = kv.get("full", full_kv_bytes(model.config, context + extra, batch, element))
+    row.kv_bytes_full = kv.get("full", predicted_kv_bytes(model.config, context + extra, batch, element))
     row.density, row.density_token_weighted = kv.get("density"), kv.get("density_token_weighted")
     row.weight_bytes_read = weight_bytes_read(model)
     row.predicted_ms = 1000 * (row.weight_bytes_read + row.kv_bytes_read) / bandwidth

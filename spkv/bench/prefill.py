@@ -26,11 +26,11 @@ from spkv.bench.common import (
     _num,
     _pct,
     chunked_prefill,
-    full_kv_bytes,
     kv_bytes,
     model_info,
 )
 from spkv.bench.machine import GIB, RSSSampler, rss_peak_mib, torch_threads
+from spkv.budget import predicted_kv_bytes
 from spkv.cache import SPKVCache
 from spkv.convert import predictors
 from spkv.policies import SPKVPolicy
@@ -114,7 +114,7 @@ def prefill_rows(s: PrefillSettings, pool: ModelPool, context: int, batch: int) 
     rows = {c: PrefillRow(c, context, batch) for c in PREFILL_CONFIGS}
     base = pool.get("base")
     element = next(base.parameters()).element_size()
-    full = full_kv_bytes(base.config, context, batch, element)
+    full = predicted_kv_bytes(base.config, context, batch, element)
     if full > s.max_kv_gib * GIB:
         for r in rows.values():
             r.status = f"skipped: memory (full KV {full / GIB:.1f} GiB > --max-kv-gib {s.max_kv_gib})"
