@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from spkv.bench.common import chunked_prefill
 from spkv.cache import SPKVCache
-from spkv.compat import cache_kwarg
 from spkv.results import atomic_write_text, pyplot, save_figure
 from spkv.stats import cache_stats
 
@@ -47,9 +47,7 @@ def keep_map(model: torch.nn.Module, tokenizer: Any, text: str, prefill_chunk: i
     if ids.shape[1] < 2:
         raise ValueError("The text is too short to show: give at least a sentence.")
     cache = SPKVCache(model)
-    with torch.no_grad():
-        for start in range(0, ids.shape[1], prefill_chunk):
-            model(input_ids=ids[:, start : start + prefill_chunk], **cache_kwarg(cache), logits_to_keep=1)
+    chunked_prefill(model, cache, ids, prefill_chunk)
     layers = [layer for layer in cache.spkv_layers() if layer.is_initialized]
     t = ids.shape[1]
     kept = torch.zeros(len(layers), layers[0].num_kv_heads, t, dtype=torch.bool)
