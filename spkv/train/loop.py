@@ -247,7 +247,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
         seconds = time.perf_counter() - t0
         record = {k: float(np.mean([s[k] for s in logs])) for k in logs[0]}
         record = {"step": step + 1, "phase": phase, "alpha": alpha, "lr": optimizer.param_groups[0]["lr"],
-                  "tokens": (step + 1) * cfg.batch_size * cfg.seq_len, "tokens_per_s": cfg.batch_size * cfg.seq_len / seconds, **record}
+                  "tokens": (step + 1) * cfg.batch_size * cfg.seq_len, "tokens_per_s": cfg.batch_size * cfg.seq_len / seconds,
+                  "seconds": seconds, **record}
         if accel.is_main_process:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
