@@ -60,11 +60,14 @@ def gated_attention(
     mask: torch.Tensor | None = None,
     dropout: float = 0.0,
     block_size: int = 512,
+    key_death: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Full-sequence attention under the SP-KV rule, in query blocks.
 
     query [B, H, Tq, D] are the last Tq of the Tk tokens; key, value [B, Hkv, Tk, D];
-    key_log_gate [B, Hkv, Tk]; mask: optional bool [B, 1, Tq, Tk] (True = may attend), e.g. padding.
+    key_log_gate [B, Hkv, Tk]; mask: optional bool [B, 1, Tq, Tk] (True = may attend), e.g. padding;
+    key_death: optional [B, Hkv, Tk] long, the first query position that no longer sees each key out
+    of the window (LKV's evictions, spkv.lkv.eviction_times).
     Each block scores only the keys up to its last query (the rest are in the future), so the work
     is close to the causal triangle and one block's bias is alive at a time. The bias is per KV
     head; the query heads of a group ride in the batch dimension of the sdpa call, so that one bias
@@ -81,7 +84,11 @@ def gated_attention(
         n, end = stop - start, offset + stop  # keys [0, end) can be visible to this block
         dist = positions[offset + start : end].view(n, 1) - positions[:end].view(1, end)  # [n, end]
         visible = None if mask is None else mask[:, :, start:stop, :end]
-        bias = window_bias(dist, window, gate[..., :end], visible)  # [B, Hkv, n, end]
+        g = gate[..., :end]
+        if key_death is not None:  # evicted keys: gone out of the window from their eviction on
+            q_pos = positions[offset + start : end].view(1, 1, n, 1)
+            g = g.masked_fill(q_pos >= key_death[..., :end].unsqueeze(2), float("-inf"))
+        bias = window_bias(dist, window, g, visible)  # [B, Hkv, n, end]
         if visible is not None:  # padding queries see nothing: give them a finite, unused result
             bias = bias.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
         for bi in range(b):
@@ -203,9 +210,11 @@ def spkv_attention_forward(
                                   "attention does not implement; gate only plain full-attention layers (SPKVConfig.layers).")
     if spkv_cache_layer is not None:
         return spkv_cache_layer.attend(query, scaling), None
+    config: SPKVConfig = predictor.config
+    if config.lkv is not None:
+        return _lkv_attention(predictor, query, key, value, attention_mask, dropout, scaling), None
     if spkv_gate_logits is None:
         raise RuntimeError("SP-KV gated layer called without gate logits: was the model converted with spkv.convert()?")
-    config: SPKVConfig = predictor.config
     tk = key.shape[2]
     if spkv_gate_logits.shape[1] != tk:
         raise RuntimeError(
@@ -223,6 +232,28 @@ def spkv_attention_forward(
         return flash_gated_attention(query, key, value, gate, config.window, scaling), None
     out = gated_attention(query, key, value, gate, config.window, scaling, attention_mask, dropout)
     return out, None
+
+
+def _lkv_attention(scorer, query, key, value, attention_mask, dropout, scaling) -> torch.Tensor:
+    """Full-sequence attention of an LKV model (training, full-sequence evaluation): the scorer
+    scores every key, spkv.lkv.sequence_gate turns the scores into a log-mask (soft, anneal) or
+    eviction times (hard), and the same gated attention applies them."""
+    from spkv.lkv import sequence_gate
+
+    config: SPKVConfig = scorer.config
+    if query.shape[2] != key.shape[2]:
+        raise RuntimeError("An LKV model must decode with spkv's compressed cache, not a plain transformers cache: pass "
+                           "cache=spkv.SPKVCache(model) (or leave SPKVConfig.auto_cache on).")
+    if scorer.shares is None:
+        raise RuntimeError("LKV scorer has no shares: call the model itself (its pre-hook solves the budgets), not a layer.")
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    valid = attention_mask[:, 0, -1, :] if attention_mask is not None else None
+    scores = scorer(key, value).transpose(1, 2)  # [B, Hkv, T]
+    gate, death = sequence_gate(scores, scorer.shares, config, valid)
+    if death is None and attention_mask is None and dropout == 0.0 and query.device.type == "cpu":
+        return flash_gated_attention(query, key, value, gate, config.window, scaling)
+    return gated_attention(query, key, value, gate, config.window, scaling, attention_mask, dropout, key_death=death)
 
 
 # Attention variants some families pass to the attention function; the gated rule implements none of

@@ -36,12 +36,17 @@ class SPKVLayer(CacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self, layer_idx: int, window: int, policy: ScoringPolicy, sinks: int) -> None:
+    def __init__(self, layer_idx: int, window: int, policy: ScoringPolicy, sinks: int,
+                 shares: torch.Tensor | None = None, exit_every: int = 1) -> None:
         super().__init__()
         self.layer_idx, self.window, self.policy, self.sinks = layer_idx, window, policy, sinks
+        # Eviction under budget (LKV, or any write-time policy with a budget): [Hkv] each head's share
+        # of the pairs that left its window; every `exit_every` exits a head over it drops its worst.
+        self.shares, self.exit_every = shares, exit_every
         self.seen = 0  # tokens processed (the logical sequence length)
         self.spkv_config: SPKVConfig | None = None
         self.staged_logits: torch.Tensor | None = None  # [B, n, Hkv] gates of the incoming tokens
+        self.staged_scorer: torch.nn.Module | None = None  # LKV: scores the incoming keys and values
         self.pending_valid: torch.Tensor | None = None  # [B, n] False for padding
         self.recent_q: torch.Tensor | None = None  # [B, Hkv, G, <=window, D], only if the policy needs_queries
         self.record_past = False  # transformers' protocol for caches that can be cropped (assisted decoding)
@@ -56,10 +61,14 @@ class SPKVLayer(CacheLayerMixin):
         self.valid_seen = torch.zeros(b, dtype=torch.long, device=self.device)
         self.decided = torch.zeros(b, hkv, dtype=torch.long)  # out-of-window, non-sink, real pairs
         self.kept = torch.zeros(b, hkv, dtype=torch.long)
+        self.sinks_stored = torch.zeros(b, dtype=torch.long)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append new pairs [B, Hkv, n, D] to the window; the decision waits for them to leave it."""
+        if self.staged_scorer is not None:
+            self.staged_logits = self.staged_scorer(key_states, value_states).detach()
+            self.staged_scorer = None
         if self.staged_logits is None:
             raise RuntimeError(
                 f"SP-KV cache layer {self.layer_idx} got keys without gate logits: an SPKVCache only works "
@@ -88,7 +97,7 @@ class SPKVLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.layer_idx, self.window, self.policy, self.sinks)
+        self.__init__(self.layer_idx, self.window, self.policy, self.sinks, self.shares, self.exit_every)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: sequence b continues old sequence beam_idx[b] (window, store and counters)."""
@@ -100,6 +109,7 @@ class SPKVLayer(CacheLayerMixin):
         self.store.reorder(heads)
         self.valid_seen = self.valid_seen.index_select(0, rows.to(self.valid_seen.device))
         self.decided, self.kept = self.decided.index_select(0, rows), self.kept.index_select(0, rows)
+        self.sinks_stored = self.sinks_stored.index_select(0, rows)
         if self.recent_q is not None:
             self.recent_q = self.recent_q.index_select(0, rows.to(self.recent_q.device))
 
@@ -107,11 +117,14 @@ class SPKVLayer(CacheLayerMixin):
     def is_croppable(self) -> bool:
         """Write-time policies (SP-KV's included) can roll back: a decision never depends on later
         tokens. Attention-based ones re-score pairs by what later queries do, so they cannot."""
-        return not (self.policy.needs_attention or self.policy.needs_queries)
+        return not (self.policy.needs_attention or self.policy.needs_queries or self.shares is not None)
 
     def activate_past_recording(self) -> None:
         """Defer window exits until `crop`: pairs past the window stay in the ring, hidden or shown by
         the same rule (exact), so the newest tokens can still be removed."""
+        if self.shares is not None:
+            raise ValueError("A cache that evicts under a budget (LKV) cannot be cropped: an evicted pair cannot come "
+                             "back. Assisted and prompt-lookup decoding need cropping; decode without them.")
         if not self.is_croppable:
             raise ValueError(f"The {self.policy.name!r} policy scores pairs by later attention, so its cache cannot be "
                              "cropped (assisted and prompt-lookup decoding need that): use SP-KV or a write-time policy.")
@@ -144,7 +157,10 @@ class SPKVLayer(CacheLayerMixin):
         return self.spkv_config.threshold
 
     def _keep(self, scores: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
-        """scores [B, Hkv, m], sink [B, m] -> the write decision [B, Hkv, m]."""
+        """scores [B, Hkv, m], sink [B, m] -> the write decision [B, Hkv, m] (under a budget every pair
+        is stored when it leaves the window; eviction decides later)."""
+        if self.shares is not None:
+            return torch.ones_like(scores, dtype=torch.bool)
         return (scores >= self.threshold) | sink.unsqueeze(1)
 
     def stored(self, bi: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,10 +181,11 @@ class SPKVLayer(CacheLayerMixin):
         """[B, Hkv] pairs kept per sequence and KV head."""
         return self.store.lengths.view(self.batch_size, self.num_kv_heads)
 
-    def _window_bias(self, n: int) -> torch.Tensor:
-        """The SP-KV rule over the window's slots for the newest n queries: [B, Hkv, n, C]."""
+    def _window_bias(self, n: int, end: int | None = None) -> torch.Tensor:
+        """The SP-KV rule over the window's slots for the n queries before `end` (default: the newest n): [B, Hkv, n, C]."""
         recent = self.recent
-        q_pos = torch.arange(self.seen - n, self.seen, device=self.device)
+        end = self.seen if end is None else end
+        q_pos = torch.arange(end - n, end, device=self.device)
         dist = q_pos.view(n, 1) - recent.pos.view(1, -1)  # [n, C]
         if self.policy.needs_attention or self.policy.needs_queries:  # undecided until they leave: visible (exact when n == 1)
             gate = torch.zeros_like(recent.score)
@@ -183,6 +200,8 @@ class SPKVLayer(CacheLayerMixin):
         """Attention of the newest n queries [B, H, n, D] over global store + window -> [B, n, H, D]."""
         b, h, n, d = query.shape
         q = query.view(b, self.num_kv_heads, h // self.num_kv_heads, n, d)
+        if self.shares is not None and n > 1:
+            return self._attend_budgeted(q, scaling).view(b, h, n, d).transpose(1, 2)
         bias = self._window_bias(n).to(query.dtype)
         want_probs = self.policy.needs_attention
         attend = self._attend_one if n == 1 else self._attend_per_head
@@ -192,6 +211,19 @@ class SPKVLayer(CacheLayerMixin):
         if not self.record_past:
             self._evict(self.seen - self.window)
         return out.view(b, h, n, d).transpose(1, 2)
+
+    def _attend_budgeted(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
+        """A prefill chunk under a budget, exact: split where evictions happen (every exit_every exits),
+        so each query sees what the cache held when its turn came. q [B, Hkv, G, n, D] -> same shape."""
+        n, first = q.shape[3], self.seen - q.shape[3]
+        cuts = [a for a in range(first + 1, self.seen) if a >= self.window and (a - self.window + 1) % self.exit_every == 0]
+        outs = []
+        for a, z in zip([first, *cuts], [*cuts, self.seen]):
+            self._evict(a - self.window)
+            bias = self._window_bias(z - a, end=z).to(q.dtype)
+            outs.append(self._attend_per_head(q[:, :, :, a - first : z - first], bias, scaling, False)[0])
+        self._evict(self.seen - self.window)
+        return torch.cat(outs, dim=3)
 
     def _attend_one(self, q: torch.Tensor, bias: torch.Tensor, scaling: float, want_probs: bool):
         """Decode (one query per sequence): every head at once. The softmax over store + window is
@@ -258,6 +290,8 @@ class SPKVLayer(CacheLayerMixin):
         m = min(recent.size, upto - (self.seen - recent.size) + 1)  # the window holds positions seen - size ..
         if m <= 0:
             return
+        if self.shares is not None:
+            return self._evict_budgeted(m)
         keys, values, score, pos, valid, sink = recent.oldest(m)
         keep = self._keep(score, sink) & valid.unsqueeze(1)  # [B, Hkv, m]
         # One transfer per eviction (a sync on GPU); the bookkeeping below runs on the host.
@@ -267,6 +301,30 @@ class SPKVLayer(CacheLayerMixin):
         heads = self.batch_size * self.num_kv_heads
         self.store.append(keep.view(heads, m), keys.reshape(heads, m, -1), values.reshape(heads, m, -1), pos)
         recent.drop(m)
+
+    def _evict_budgeted(self, m: int) -> None:
+        """The m oldest window pairs leave: every real one is stored, with its score (sinks: +inf,
+        never evicted); after each exit of a position p with (p + 1) % exit_every == 0, every head
+        over budget_limits() drops its worst pairs (spkv.lkv.eviction_times is the same rule)."""
+        from spkv.lkv import budget_limits
+
+        recent, heads = self.recent, self.batch_size * self.num_kv_heads
+        while m > 0:
+            first = self.seen - recent.size  # position of the oldest pair in the window
+            seg = min(m, self.exit_every - first % self.exit_every)  # up to the next cut
+            keys, values, score, pos, valid, sink = recent.oldest(seg)
+            keep = valid.unsqueeze(1).expand(-1, self.num_kv_heads, -1).cpu()
+            counted = (valid & ~sink).cpu()
+            self.decided += counted.sum(-1, keepdim=True)
+            self.sinks_stored += (valid & sink).cpu().sum(-1)
+            score = score.masked_fill(sink.unsqueeze(1), float("inf"))
+            self.store.append(keep.reshape(heads, seg), keys.reshape(heads, seg, -1), values.reshape(heads, seg, -1), pos,
+                              scores=score.reshape(heads, seg))
+            recent.drop(seg)
+            if (first + seg) % self.exit_every == 0:
+                self.store.shrink(budget_limits(self.shares, self.decided, self.sinks_stored).view(-1))
+            self.kept = self.store_lengths() - self.sinks_stored.unsqueeze(1)
+            m -= seg
 
     @property
     def bytes_per_pair(self) -> int:
@@ -284,19 +342,45 @@ class SPKVCache(Cache):
     """transformers Cache for a converted model: SPKVLayer for gated layers, the usual layers elsewhere.
 
     policy: which pairs leaving the window are kept (default: the model's own predictor, tau from
-    the model's SPKVConfig). sinks: first tokens always kept (default: the config's).
+    the model's SPKVConfig; for an LKV model its token scorer). sinks: first tokens always kept
+    (default: the config's). budget: evict under a budget instead of admitting by threshold: each head
+    keeps at most share x the pairs that have left its window, its lowest-scored pairs evicted; an
+    LKV model uses its learned shares at this r (default: its own), any other model with a
+    write-time policy the uniform share r (every head the same).
     """
 
-    def __init__(self, model: torch.nn.Module, policy: ScoringPolicy | None = None, sinks: int | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, policy: ScoringPolicy | None = None, sinks: int | None = None,
+                 budget: float | None = None) -> None:
+        from spkv.lkv import model_shares
+        from spkv.policies import LKVPolicy
+
         config = getattr(model, "spkv_config", None)
         if not isinstance(config, SPKVConfig):
             raise ValueError("SPKVCache needs a model converted with spkv.convert() (or spkv.load_adapter()).")
-        self.policy = policy if policy is not None else SPKVPolicy()
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0):
+            raise ValueError(f"budget must be a number in (0, 1] (the fraction of out-of-window pairs kept), got {budget!r}")
+        lkv = config.lkv
+        self.policy = policy if policy is not None else LKVPolicy() if lkv is not None else SPKVPolicy()
+        if lkv is None and isinstance(self.policy, LKVPolicy):
+            raise ValueError("The 'lkv' policy needs an LKV model (an LKV adapter, or spkv.convert with SPKVConfig(lkv=...)).")
+        shares, every = None, 1
+        if lkv is not None or budget is not None:
+            if self.policy.needs_attention or self.policy.needs_queries:
+                raise ValueError(f"Eviction under a budget needs a write-time policy; {self.policy.name!r} re-scores pairs by "
+                                 "later attention. Use it without a budget, or use spkv, lkv, key_norm, random or kvzap.")
+            every = lkv.exit_every if lkv is not None else 32
+            if lkv is not None and not lkv.uniform:
+                shares = {i: s.detach() for i, s in model_shares(model, budget).items()}
+            else:
+                r = budget if budget is not None else lkv.budget
+                shares = {i: torch.full((model.config.get_text_config(decoder=True).num_key_value_heads,), float(r)) for i in config.layers}
+        self.budget = budget if budget is not None else lkv.budget if lkv is not None else None
         self.window = config.window
         self.sinks = config.sinks if sinks is None else sinks
         text_config = model.config.get_text_config(decoder=True)
         layers = [
-            SPKVLayer(i, config.window, self.policy, self.sinks) if i in config.layers else make()
+            SPKVLayer(i, config.window, self.policy, self.sinks, None if shares is None else shares[i], every)
+            if i in config.layers else make()
             for i, make in enumerate(default_layers(text_config))
         ]
         super().__init__(layers=layers)
@@ -325,6 +409,14 @@ class SPKVCache(Cache):
         """Called by the predictor hook: the new tokens' gates, just before this layer's update."""
         layer = self.layers[layer_idx]
         layer.staged_logits = gate_logits.detach()
+        layer.spkv_config = config
+        return layer
+
+    def spkv_stage_scorer(self, layer_idx: int, scorer: torch.nn.Module, config: SPKVConfig) -> SPKVLayer:
+        """Called by an LKV model's hook: the layer's token scorer, which scores the new keys and
+        values in this layer's update()."""
+        layer = self.layers[layer_idx]
+        layer.staged_scorer = scorer
         layer.spkv_config = config
         return layer
 

@@ -11,6 +11,35 @@ PHASES = ("soft", "anneal", "hard")
 
 
 @dataclass
+class LKVConfig:
+    """LKV: learned per-head budgets and a learned token scorer, evicting under budget (spkv.lkv).
+
+    budget: r, the fraction of out-of-window pairs the whole model keeps, in (0, 1]; chosen at
+        training, changeable at deployment (spkv.lkv.set_budget), like SP-KV's tau.
+    uniform: every head gets the share r (the ablation) instead of its learned share.
+    temperature: of the soft top-k in the soft and anneal phases (training anneals it).
+    exit_every: E; a head is cut back to its budget each time E more pairs have left the window
+        (bytes held <= budget + E per head), so prefill needs one cut per E tokens, not per token.
+    """
+
+    budget: float = 0.25
+    uniform: bool = False
+    temperature: float = 1.0
+    exit_every: int = 32
+
+    def __post_init__(self) -> None:
+        ok = _is_number(self.budget) and 0.0 < self.budget <= 1.0
+        _check(ok, "budget", "a number in (0, 1] (the fraction of out-of-window pairs kept)", self.budget, "LKVConfig")
+        _check(isinstance(self.uniform, bool), "uniform", "True or False", self.uniform, "LKVConfig")
+        _check(_is_number(self.temperature) and self.temperature > 0, "temperature", "a number > 0", self.temperature, "LKVConfig")
+        _check(isinstance(self.exit_every, int) and self.exit_every >= 1, "exit_every", "an integer >= 1", self.exit_every, "LKVConfig")
+        self.budget, self.temperature = float(self.budget), float(self.temperature)
+
+    def replace(self, **changes: Any) -> LKVConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
 class SPKVConfig:
     """How attention is gated.
 
@@ -25,6 +54,8 @@ class SPKVConfig:
     sinks: number of first tokens always kept (0 for SP-KV; the post-hoc baselines use 4).
     auto_cache: in eval mode, swap the empty cache generate() (or a plain forward) would use for an
         SPKVCache. False: only an SPKVCache passed explicitly (`cache=SPKVCache(model)`) compresses.
+    lkv: set for an LKV model (spkv.lkv): pairs are scored by a token scorer and evicted under
+        per-head budgets instead of admitted by tau; `threshold` and `bias_init` are then unused.
     """
 
     window: int = 128
@@ -36,8 +67,12 @@ class SPKVConfig:
     layers: list[int] | None = None
     sinks: int = 0
     auto_cache: bool = True
+    lkv: LKVConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.lkv, dict):
+            self.lkv = LKVConfig(**self.lkv)
+        _check(self.lkv is None or isinstance(self.lkv, LKVConfig), "lkv", "None or an LKVConfig", self.lkv)
         _check(isinstance(self.window, int) and self.window >= 1, "window", "an integer >= 1", self.window)
         _check(_is_number(self.threshold) and 0.0 <= self.threshold <= 1.0, "threshold", "a number in [0, 1]", self.threshold)
         _check(self.phase in PHASES, "phase", f"one of {PHASES}", self.phase)
@@ -81,6 +116,6 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
 
 
-def _check(ok: bool, field: str, allowed: str, value: Any) -> None:
+def _check(ok: bool, field: str, allowed: str, value: Any, owner: str = "SPKVConfig") -> None:
     if not ok:
-        raise ValueError(f"SPKVConfig.{field} must be {allowed}, got {value!r}")
+        raise ValueError(f"{owner}.{field} must be {allowed}, got {value!r}")

@@ -19,6 +19,7 @@ from spkv import attention
 from spkv.cache import SPKVCache, default_cache_hook
 from spkv.compat import attention_module, cache_argument, decoder_layers
 from spkv.config import SPKVConfig
+from spkv.lkv import TokenScorer, shares_hook
 from spkv.predictor import UtilityPredictor
 
 # Causal-LM families whose full-attention layers fit the gated rule (plain softmax attention, no
@@ -83,8 +84,20 @@ def _predictor_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
     return args, kwargs
 
 
+def _scorer_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """LKV: the compressed cache takes the layer's token scorer, which scores the new keys and
+    values in the layer's update(); without a cache the attention function scores them itself."""
+    _, cache = cache_argument(kwargs)
+    if isinstance(cache, SPKVCache):
+        kwargs["spkv_cache_layer"] = cache.spkv_stage_scorer(module.layer_idx, module.spkv_predictor, module.spkv_predictor.config)
+    return args, kwargs
+
+
 def convert(model: nn.Module, config: SPKVConfig | None = None) -> nn.Module:
     """Attach utility predictors and route attention through SP-KV. Returns the same model.
+
+    With `config.lkv` set, the model becomes an LKV model instead: a token scorer and budget logits
+    per gated layer (spkv.lkv), evicting under budget.
 
     Converting an already converted model raises: a second wrap would gate twice.
     """
@@ -106,13 +119,20 @@ def convert(model: nn.Module, config: SPKVConfig | None = None) -> nn.Module:
     config = config.replace(layers=list(gated))
 
     attention.register()
+    hkv = text_config.num_key_value_heads
     for i in gated:
         attn = attention_module(layers[i])
         ref = next(attn.parameters())
-        predictor = UtilityPredictor(text_config.hidden_size, text_config.num_key_value_heads, config).to(device=ref.device, dtype=ref.dtype)
-        attn.spkv_predictor = predictor
-        attn.register_forward_pre_hook(_predictor_hook, with_kwargs=True)
+        if config.lkv is None:
+            predictor, hook = UtilityPredictor(text_config.hidden_size, hkv, config), _predictor_hook
+        else:
+            head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+            predictor, hook = TokenScorer(head_dim, hkv, config), _scorer_hook
+        attn.spkv_predictor = predictor.to(device=ref.device, dtype=ref.dtype)
+        attn.register_forward_pre_hook(hook, with_kwargs=True)
     model.register_forward_pre_hook(default_cache_hook, with_kwargs=True)
+    if config.lkv is not None:  # after the cache hook: it looks at the cache that hook chose
+        model.register_forward_pre_hook(shares_hook, with_kwargs=True)
     model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
     model.spkv_config = config
     return model
@@ -122,6 +142,8 @@ def update_config(model: nn.Module, **changes: Any) -> SPKVConfig:
     """Change settings of a converted model (threshold, phase, anneal_alpha, ...), validated."""
     if not is_converted(model):
         raise ValueError("This model is not an SP-KV model: call spkv.convert(model) or spkv.load_adapter(model, path) first.")
+    if ("lkv" in changes) and ((changes["lkv"] is None) != (model.spkv_config.lkv is None)):
+        raise ValueError("SPKVConfig.lkv (SP-KV vs LKV) is fixed at conversion; convert a fresh model to change it.")
     for frozen in ("layers", "predictor_hidden", "bias_init"):
         if frozen in changes and changes[frozen] != getattr(model.spkv_config, frozen):
             raise ValueError(f"SPKVConfig.{frozen} is fixed at conversion; convert a fresh model to change it.")
@@ -136,6 +158,8 @@ def set_threshold(model: nn.Module, threshold: float) -> SPKVConfig:
     """Deploy-time tau: no retraining, higher tau keeps fewer pairs."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+    if getattr(getattr(model, "spkv_config", None), "lkv", None) is not None:
+        raise ValueError("An LKV model evicts under a budget and has no threshold: use spkv.lkv.set_budget(model, r).")
     return update_config(model, threshold=float(threshold))
 
 

@@ -41,8 +41,10 @@ class PagedStore:
         self.free_bias = torch.zeros(0, page, dtype=dtype, device=device)
         self.owner = torch.zeros(0, dtype=torch.long, device=device)  # [capacity] head of each page
         self.pos = torch.zeros(0, page, dtype=torch.long, device=device)  # [capacity, page] token index of each pair
+        self.score: torch.Tensor | None = None  # [capacity, page] each pair's score, once `append` got scores
         self.pages = 0  # pages in use: pool[:pages]
         self.lengths = torch.zeros(heads, dtype=torch.long)  # host: pairs kept per head
+        self.owned = torch.zeros(heads, dtype=torch.long)  # host: pages in each head's row of the table
         self.table = torch.zeros(heads, 0, dtype=torch.long)  # host: [heads, width] each head's pages, in order
 
     def _pages_of(self, lengths: torch.Tensor) -> torch.Tensor:
@@ -55,24 +57,31 @@ class PagedStore:
             return
         capacity = max(pages, capacity + max(_MIN_GROWTH, capacity // _GROWTH_FRACTION))
         grown = []
-        for old, fill in ((self.k, 0.0), (self.v, 0.0), (self.free_bias, float("-inf")), (self.owner, 0), (self.pos, -1)):
+        for old, fill in ((self.k, 0.0), (self.v, 0.0), (self.free_bias, float("-inf")), (self.owner, 0), (self.pos, -1),
+                          (self.score, 0.0)):
+            if old is None:
+                grown.append(None)
+                continue
             new = old.new_empty(capacity, *old.shape[1:])
             new[: self.pages] = old[: self.pages]
             new[self.pages :] = fill  # free slots must hold finite keys: they meet real queries in `attend`
             grown.append(new)
-        self.k, self.v, self.free_bias, self.owner, self.pos = grown
+        self.k, self.v, self.free_bias, self.owner, self.pos, self.score = grown
 
-    def append(self, keep: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+    def append(self, keep: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+               scores: torch.Tensor | None = None) -> None:
         """Store the selected pairs. keep [heads, m] bool (host); keys, values [heads, m, D] (device);
-        positions [m]: their token indices.
+        positions [m]: their token indices; scores [heads, m]: kept per pair for `shrink` (eviction).
 
         Each head's selected pairs go after its stored ones, in their order along m."""
         counts = keep.sum(1)
         if int(counts.sum()) == 0:
             return
-        have = self._pages_of(self.lengths)
+        if scores is not None and self.score is None:
+            self.score = torch.zeros(self.k.shape[:2], dtype=torch.float32, device=self.k.device)
+        have = self.owned
         new_lengths = self.lengths + counts
-        need = self._pages_of(new_lengths) - have  # [heads] new pages per head
+        need = (self._pages_of(new_lengths) - have).clamp_min(0)  # [heads] new pages per head
         total = int(need.sum())
         if total:
             self._reserve(self.pages + total)
@@ -87,6 +96,7 @@ class PagedStore:
             self.table[owners, columns] = torch.arange(self.pages, self.pages + total)
             self.owner[self.pages : self.pages + total] = owners.to(self.owner.device)
             self.pages += total
+            self.owned = have + need
         rows, cols = keep.nonzero(as_tuple=True)  # row-major: each head's pairs in order
         slot = self.lengths[rows] + keep.long().cumsum(1)[rows, cols] - 1  # index within the head's pairs
         flat = (self.table[rows, slot // self.page] * self.page + slot % self.page).to(self.k.device)
@@ -95,7 +105,41 @@ class PagedStore:
         self.v.transpose(1, 2)[flat // self.page, flat % self.page] = values[rows, cols]
         self.free_bias.view(-1).index_fill_(0, flat, 0.0)
         self.pos.view(-1)[flat] = positions.to(self.pos.device)[cols]
+        if self.score is not None:
+            self.score.view(-1)[flat] = scores.float().to(self.score.device)[rows, cols]
         self.lengths = new_lengths
+
+    def shrink(self, limits: torch.Tensor) -> None:
+        """Evict: every head holding more than limits[head] pairs (host, long) keeps its limits[head]
+        best by score (higher first; the older first among equal scores). Survivors from the tail
+        move into the evicted slots, so each head's pairs stay in its first pages and the freed tail
+        slots are reused by its next appends: bytes held follow the limits, not the context."""
+        from spkv.lkv import keep_order
+
+        over = (self.lengths > limits).nonzero().flatten()
+        if not len(over):
+            return
+        lengths, new = self.lengths[over], limits[over]
+        width = int(lengths.max())
+        s = torch.arange(width)
+        held = s.unsqueeze(0) < lengths.unsqueeze(1)  # [n, width]
+        flat = self.table[over.unsqueeze(1), (s // self.page).unsqueeze(0)] * self.page + s % self.page
+        flat = flat.to(self.k.device)
+        held_d = held.to(self.k.device)
+        score = self.score.view(-1)[flat].masked_fill(~held_d, float("-inf"))
+        pos = self.pos.view(-1)[flat].masked_fill(~held_d, torch.iinfo(torch.long).max)
+        keep = (keep_order(score, pos) < new.to(self.k.device).unsqueeze(1)) & held_d
+        inside = s.unsqueeze(0).to(self.k.device) < new.to(self.k.device).unsqueeze(1)
+        dst, src = flat[~keep & inside], flat[keep & ~inside]  # row-major: equal counts per head, paired in order
+        self.k.view(-1, self.head_dim)[dst] = self.k.view(-1, self.head_dim)[src]
+        v = self.v.transpose(1, 2)
+        v[dst // self.page, dst % self.page] = v[src // self.page, src % self.page]
+        self.pos.view(-1)[dst] = self.pos.view(-1)[src]
+        self.score.view(-1)[dst] = self.score.view(-1)[src]
+        gone = flat[held_d & ~inside]
+        self.free_bias.view(-1)[gone] = float("-inf")
+        self.pos.view(-1)[gone] = -1
+        self.lengths[over] = new
 
     def attend(self, query: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unnormalised attention of each head's queries over its stored pairs, for every head at once.
@@ -131,11 +175,12 @@ class PagedStore:
         src = old_pages.to(self.k.device)
         self.k, self.v = self.k[src].clone(), self.v[src].clone()
         self.free_bias, self.pos = self.free_bias[src].clone(), self.pos[src].clone()
+        self.score = None if self.score is None else self.score[src].clone()
         self.owner = torch.repeat_interleave(torch.arange(self.heads), counts).to(self.k.device)
         self.pages = total
         table = torch.zeros(self.heads, max(1, width), dtype=torch.long)
         table[taken] = torch.arange(total)
-        self.table, self.lengths = table, lengths.clone()
+        self.table, self.lengths, self.owned = table, lengths.clone(), counts.clone()
 
     def get(self, head: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One head's stored pairs, in order: (keys, values) [L, D] (a copy: its pages are scattered)."""
