@@ -62,6 +62,7 @@ class SPKVLayer(CacheLayerMixin):
         self.decided = torch.zeros(b, hkv, dtype=torch.long)  # out-of-window, non-sink, real pairs
         self.kept = torch.zeros(b, hkv, dtype=torch.long)
         self.sinks_stored = torch.zeros(b, dtype=torch.long)
+        self.exited_real = torch.zeros(b, dtype=torch.long)  # real pairs (sinks too) that left the window
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -109,7 +110,7 @@ class SPKVLayer(CacheLayerMixin):
         self.store.reorder(heads)
         self.valid_seen = self.valid_seen.index_select(0, rows.to(self.valid_seen.device))
         self.decided, self.kept = self.decided.index_select(0, rows), self.kept.index_select(0, rows)
-        self.sinks_stored = self.sinks_stored.index_select(0, rows)
+        self.sinks_stored, self.exited_real = self.sinks_stored.index_select(0, rows), self.exited_real.index_select(0, rows)
         if self.recent_q is not None:
             self.recent_q = self.recent_q.index_select(0, rows.to(self.recent_q.device))
 
@@ -213,10 +214,14 @@ class SPKVLayer(CacheLayerMixin):
         return out.view(b, h, n, d).transpose(1, 2)
 
     def _attend_budgeted(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
-        """A prefill chunk under a budget, exact: split where evictions happen (every exit_every exits),
-        so each query sees what the cache held when its turn came. q [B, Hkv, G, n, D] -> same shape."""
+        """A prefill chunk under a budget, exact: split where some sequence cuts its heads back (after
+        every exit_every exits), so each query sees what the cache held when its turn came.
+        q [B, Hkv, G, n, D] -> same shape."""
         n, first = q.shape[3], self.seen - q.shape[3]
-        cuts = [a for a in range(first + 1, self.seen) if a >= self.window and (a - self.window + 1) % self.exit_every == 0]
+        leaving = max(0, min(self.recent.size, self.seen - self.window - (self.seen - self.recent.size) + 1))
+        oldest = self.seen - self.recent.size
+        cuts = sorted({oldest + j + self.window for j in self._cuts(leaving).any(0).nonzero().flatten().tolist()})
+        cuts = [a for a in cuts if first < a < self.seen]  # queries that must see the cut
         outs = []
         for a, z in zip([first, *cuts], [*cuts, self.seen]):
             self._evict(a - self.window)
@@ -224,6 +229,13 @@ class SPKVLayer(CacheLayerMixin):
             outs.append(self._attend_per_head(q[:, :, :, a - first : z - first], bias, scaling, False)[0])
         self._evict(self.seen - self.window)
         return torch.cat(outs, dim=3)
+
+    def _cuts(self, m: int) -> torch.Tensor:
+        """[B, m] (host) True where the i-th oldest window pair, on leaving, completes a multiple of
+        exit_every real exits of its sequence: its heads are cut back to budget then."""
+        valid = self.recent.oldest(m)[4].cpu() if m else torch.zeros(self.batch_size, 0, dtype=torch.bool)
+        count = self.exited_real.unsqueeze(1) + valid.long().cumsum(1)
+        return valid & (count % self.exit_every == 0)
 
     def _attend_one(self, q: torch.Tensor, bias: torch.Tensor, scaling: float, want_probs: bool):
         """Decode (one query per sequence): every head at once. The softmax over store + window is
@@ -304,27 +316,31 @@ class SPKVLayer(CacheLayerMixin):
 
     def _evict_budgeted(self, m: int) -> None:
         """The m oldest window pairs leave: every real one is stored, with its score (sinks: +inf,
-        never evicted); after each exit of a position p with (p + 1) % exit_every == 0, every head
-        over budget_limits() drops its worst pairs (spkv.lkv.eviction_times is the same rule)."""
+        never evicted); each time a sequence's real exits reach a multiple of exit_every, each of its
+        heads over budget_limits() drops its worst pairs (spkv.lkv.eviction_times is the same rule)."""
         from spkv.lkv import budget_limits
 
         recent, heads = self.recent, self.batch_size * self.num_kv_heads
+        cuts = self._cuts(m)
         while m > 0:
-            first = self.seen - recent.size  # position of the oldest pair in the window
-            seg = min(m, self.exit_every - first % self.exit_every)  # up to the next cut
+            any_cut = cuts.any(0).nonzero().flatten()
+            seg = int(any_cut[0]) + 1 if len(any_cut) else m  # up to the next cut of any sequence
             keys, values, score, pos, valid, sink = recent.oldest(seg)
             keep = valid.unsqueeze(1).expand(-1, self.num_kv_heads, -1).cpu()
             counted = (valid & ~sink).cpu()
             self.decided += counted.sum(-1, keepdim=True)
             self.sinks_stored += (valid & sink).cpu().sum(-1)
+            self.exited_real += valid.cpu().sum(-1)
             score = score.masked_fill(sink.unsqueeze(1), float("inf"))
             self.store.append(keep.reshape(heads, seg), keys.reshape(heads, seg, -1), values.reshape(heads, seg, -1), pos,
                               scores=score.reshape(heads, seg))
             recent.drop(seg)
-            if (first + seg) % self.exit_every == 0:
-                self.store.shrink(budget_limits(self.shares, self.decided, self.sinks_stored).view(-1))
+            if len(any_cut):
+                limits = budget_limits(self.shares, self.decided, self.sinks_stored)
+                cut = cuts[:, seg - 1].unsqueeze(1).expand_as(limits)  # sequences cut now; others keep all they hold
+                self.store.shrink(torch.where(cut, limits, self.store_lengths()).reshape(-1))
             self.kept = self.store_lengths() - self.sinks_stored.unsqueeze(1)
-            m -= seg
+            cuts, m = cuts[:, seg:], m - seg
 
     @property
     def bytes_per_pair(self) -> int:

@@ -14,8 +14,8 @@ same compact cache as SP-KV (docs/design.md, "LKV").
   magnitude of each rotary pair of dimensions (i, i + D/2), which rotate-half RoPE leaves unchanged,
   so the score does not depend on the position.
 * Inference (cache.py): a head keeps at most floor(s x pairs that have left its window); every E
-  (`LKVConfig.exit_every`) exits, each head over budget drops its lowest-scored pairs (ties: the
-  newer goes). `eviction_times` is the same rule on a whole sequence.
+  (`LKVConfig.exit_every`) exits of a sequence's real pairs, each of its heads over budget drops its
+  lowest-scored pairs (ties: the newer goes). `eviction_times` is the same rule on a whole sequence.
 * Training: a soft top-k per (sequence, head), a sigmoid mask whose threshold is solved so the mask
   sums to the head's budget over the sequence's out-of-window pairs, added as log-mask to the
   out-of-window logits (the same gated attention as SP-KV); its temperature anneals toward hard.
@@ -77,8 +77,17 @@ def budget_limits(shares: torch.Tensor, decided: torch.Tensor, sinks: torch.Tens
     return torch.floor(shares.double().cpu() * decided.double().cpu()).long() + sinks.cpu().long().unsqueeze(1)
 
 
+RESOLUTION = 2.0 ** -10  # scores are compared on this grid
+
+
 def keep_order(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """[..., N] rank of each pair in keep order: higher score first, the older first among equal scores."""
+    """[..., N] rank of each pair in keep order: higher score first, the older first among equal scores.
+
+    Scores are compared at RESOLUTION: the same pair scored by a prefill and by a decode step differs
+    by rounding (~1e-7), and a repeated token in the first layer scores the same as its earlier copy
+    up to that rounding (its key differs only by rotation), so without the grid such near-ties would
+    rank differently in different code paths."""
+    scores = torch.round(scores.float() / RESOLUTION)
     by_pos = positions.argsort(dim=-1, stable=True)
     order = by_pos.gather(-1, (-scores.gather(-1, by_pos)).argsort(dim=-1, stable=True))
     return torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
@@ -89,14 +98,16 @@ def eviction_times(scores: torch.Tensor, shares: torch.Tensor, window: int, ever
     """The cache's eviction rule on a whole sequence: [B, Hkv, T] the first query that no longer sees
     each pair (NEVER if none does). scores [B, Hkv, T]; shares [Hkv]; valid [B, T] (False: padding).
 
-    Pair p leaves the window for query p + window. After every pair p with (p + 1) % every == 0 has
-    left, each head keeps its budget_limits() best pairs among those it holds; the rest are gone for
-    queries p + window on. Padding is never held; sinks (the first `sinks` real tokens) always are."""
+    Pair p leaves the window for query p + window. Each time a sequence's count of real pairs that
+    have left reaches a multiple of `every`, each of its heads keeps its budget_limits() best pairs
+    among those it holds; the rest are gone for the queries from p + window on (counting real pairs,
+    not positions, makes a left-padded sequence evict as it would alone). Padding is never held;
+    sinks (the first `sinks` real tokens) always are."""
     b, hkv, t = scores.shape
     device = scores.device
     valid = torch.ones(b, t, dtype=torch.bool, device=device) if valid is None else valid.to(device)
-    rank_real = valid.long().cumsum(-1) - 1
-    sink = valid & (rank_real < sinks)
+    real_count = valid.long().cumsum(-1)  # [B, T] real pairs up to each position
+    sink = valid & (real_count <= sinks)
     counted = (valid & ~sink).long().cumsum(-1)  # [B, T] decided after each exit
     sink_count = sink.long().cumsum(-1)
     pos = torch.arange(t, device=device)
@@ -105,14 +116,23 @@ def eviction_times(scores: torch.Tensor, shares: torch.Tensor, window: int, ever
     death = torch.full((b, hkv, t), NEVER, dtype=torch.long, device=device)
     death.masked_fill_(~valid.unsqueeze(1), 0)  # padding: invisible anyway
     held = torch.zeros(b, hkv, t, dtype=torch.bool, device=device)
-    for p in range(every - 1, t - window, every):  # checks whose effect some query sees
-        held |= (pos <= p) & (death == NEVER)  # exited, real, not yet evicted
-        limit = budget_limits(shares, counted[:, p : p + 1].expand(b, hkv), sink_count[:, p]).to(device)
+    rows = torch.arange(b, device=device)
+    for j in range(1, t // every + 1):  # the j-th cut of each sequence, after its (j x every)-th real exit
+        hit = valid & (real_count == j * every)
+        at = torch.where(hit.any(-1), hit.long().argmax(-1), t)  # [B] position of the cut (t: none)
+        live = at < t - window  # a cut some query sees
+        if not live.any():
+            break
+        p = at.clamp_max(t - 1)
+        exited = (pos.view(1, t) <= p.view(b, 1)).unsqueeze(1)
+        held |= exited & (death == NEVER) & live.view(b, 1, 1)
+        limit = budget_limits(shares, counted[rows, p].unsqueeze(1).expand(b, hkv), sink_count[rows, p]).to(device)
         in_order = held.gather(-1, order)
         keep_sorted = in_order & (in_order.long().cumsum(-1) <= limit.unsqueeze(-1))
         keep = torch.zeros_like(held).scatter_(-1, order, keep_sorted)
-        death.masked_fill_(held & ~keep, p + window)
-        held = keep
+        cut = live.view(b, 1, 1)
+        death = torch.where(cut & held & ~keep, (p + window).view(b, 1, 1), death)
+        held = torch.where(cut, keep, held)
     return death
 
 

@@ -156,6 +156,8 @@ class PagedStore:
         scores = torch.baddbmm(self.free_bias[: self.pages].unsqueeze(1), query[owner],
                                self.k[: self.pages].transpose(1, 2), alpha=scaling).float()  # [pages, Q, page]
         m.scatter_reduce_(0, owner.unsqueeze(1).expand(-1, nq), scores.amax(-1), "amax")
+        if self.score is not None:  # eviction can leave a head pages with no pair: exp(-inf - 0) = 0, not NaN
+            m = m.masked_fill(torch.isneginf(m), 0.0)
         e = scores.sub_(m[owner].unsqueeze(-1)).exp_()
         denom.index_add_(0, owner, e.sum(-1))
         o.index_add_(0, owner, torch.bmm(e.to(self.v.dtype), self.v[: self.pages].transpose(1, 2)).float())

@@ -52,6 +52,7 @@ class TrainConfig:
     data: list[str] = _opt(["default"], "'default' (spkv data's train split), text files, folders or HF dataset names")
     out: str = _opt("runs/spkv", "run folder: checkpoint.pt, log.jsonl, train_config.json, adapter/")
     control: bool = _opt(False, "the dense control: the same recipe with no gates")
+    method: str = _opt("spkv", "spkv (write gates, admitted by tau) | lkv (learned head budgets + token scorer, evicting under budget)")
     train_llm: str = _opt("lora", "what of the LLM trains besides the predictors: all | lora | none")
     lora_rank: int = _opt(16, "LoRA rank (train_llm=lora)")
     seq_len: int = _opt(2048, "tokens per packed training sequence")
@@ -75,6 +76,13 @@ class TrainConfig:
     density_ramp_steps: int = _opt(0, "ramp the regulariser's target linearly from 1 down to --density-target over "
                                       "this many steps (0: constant target)")
     distill_weight: float = _opt(0.0, "optional KL to the frozen original model")
+    budget: float | None = _opt(None, "lkv: r, the fraction of out-of-window pairs the model keeps, in (0, 1] (default 0.25)")
+    uniform_budgets: bool = _opt(False, "lkv: every head the share r (the ablation) instead of learned shares")
+    temperature_start: float | None = _opt(None, "lkv: soft top-k temperature at the start (default 1.0)")
+    temperature_end: float | None = _opt(None, "lkv: temperature at the end of the soft phase, reached geometrically (default 0.05)")
+    exit_every: int | None = _opt(None, "lkv: heads are cut back to their budget every this many window exits (default 32)")
+    budget_lr: float | None = _opt(None, "lkv: learning rate of the budget logits (default 0.05: a share moves from r to "
+                                         "near 0 or 1 within a short run)")
     bf16: bool | None = _opt(None, "bf16 autocast; default: on where this hardware runs bf16 fast (a GPU with "
                                    "bf16, a CPU with native bf16), else fp32")
     synthetic_fraction: float = _opt(0.0, "share of training sequences turned into long-range tasks (facts hidden in the text, "
@@ -104,6 +112,28 @@ class TrainConfig:
             raise ValueError("TrainConfig.density_ramp_steps must be >= 0 and needs a density_target")
         if not 0.0 <= self.synthetic_fraction < 1.0:
             raise ValueError(f"TrainConfig.synthetic_fraction must be in [0, 1), got {self.synthetic_fraction}")
+        lkv_options = {"budget": None, "uniform_budgets": False, "temperature_start": None, "temperature_end": None, "exit_every": None,
+                       "budget_lr": None}
+        if self.method not in ("spkv", "lkv"):
+            raise ValueError(f"TrainConfig.method must be 'spkv' or 'lkv', got {self.method!r}")
+        if self.method == "spkv":
+            given = [k for k, v in lkv_options.items() if getattr(self, k) != v]
+            if given:
+                raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in given)} are LKV options: add --method lkv, or drop them.")
+        else:
+            self.budget = 0.25 if self.budget is None else self.budget
+            self.temperature_start = 1.0 if self.temperature_start is None else self.temperature_start
+            self.temperature_end = 0.05 if self.temperature_end is None else self.temperature_end
+            self.exit_every = 32 if self.exit_every is None else self.exit_every
+            self.budget_lr = 0.05 if self.budget_lr is None else self.budget_lr
+            if not 0.0 < self.budget <= 1.0:
+                raise ValueError(f"TrainConfig.budget must be in (0, 1] (the fraction of out-of-window pairs kept), got {self.budget}")
+            if self.density_weight or self.control:
+                raise ValueError("LKV keeps its budget by construction: no density regulariser, and no --control (train the dense control with --method spkv --control)")
+            if self.train_llm == "none" and self.hard_fraction > 0:
+                raise ValueError("LKV with a frozen LLM (--train-llm none) trains nothing in the hard phase: set --hard-fraction 0")
+            if not 0 < self.temperature_end <= self.temperature_start:
+                raise ValueError("TrainConfig needs 0 < temperature_end <= temperature_start")
         if self.control and (self.density_weight or self.train_llm == "none"):
             raise ValueError("The dense control has no gates: no density regulariser, and train_llm must not be 'none'")
 

@@ -26,14 +26,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from spkv.adapter import save_adapter
-from spkv.config import SPKVConfig
+from spkv.config import LKVConfig, SPKVConfig
 from spkv.convert import convert, predictors, record_gates, update_config
 from spkv.data.corpus import default_corpus
 from spkv.data.synthetic import is_synthetic, synthetic_sequence
 from spkv.density import gate_density, mean_density
+from spkv.lkv import scorers
 from spkv.results import atomic_write, atomic_write_text
 from spkv.train.config import LORA_TARGETS, TrainConfig
-from spkv.train.schedule import density_penalty, density_target_at, lr_factor, phase_at
+from spkv.train.schedule import density_penalty, density_target_at, lr_factor, phase_at, temperature_at
 
 # -- data ---------------------------------------------------------------------------------------
 
@@ -92,7 +93,7 @@ def build_model(cfg: TrainConfig):
         teacher, _ = load_model(cfg.model)
         teacher.requires_grad_(False)
     if not cfg.control:
-        convert(model, SPKVConfig(window=cfg.window, threshold=cfg.threshold, phase="soft", predictor_hidden=cfg.predictor_hidden))
+        convert(model, spkv_config(cfg, phase="soft"))
     model.config.use_cache = False
     if cfg.activation_checkpointing:  # recompute each layer in backward: memory for long --seq-len
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -106,6 +107,14 @@ def build_model(cfg: TrainConfig):
         p.requires_grad_(True)
     model.train()
     return model, tokenizer, base_state, teacher
+
+
+def spkv_config(cfg: TrainConfig, phase: str) -> SPKVConfig:
+    """The SP-KV (or LKV) settings a run trains and deploys with."""
+    lkv = None
+    if cfg.method == "lkv":
+        lkv = LKVConfig(budget=cfg.budget, uniform=cfg.uniform_budgets, temperature=cfg.temperature_start, exit_every=cfg.exit_every)
+    return SPKVConfig(window=cfg.window, threshold=cfg.threshold, phase=phase, predictor_hidden=cfg.predictor_hidden, lkv=lkv)
 
 
 def _core(model: torch.nn.Module) -> torch.nn.Module:
@@ -122,9 +131,13 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     pred = {id(p) for p in _predictor_params(model)}
     llm = [p for p in model.parameters() if p.requires_grad and id(p) not in pred]
     groups = [{"params": llm, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr}]
+    budget = [s.budget_logits for s in scorers(_core(model)).values()] if not cfg.uniform_budgets else []
     if pred:
         lr = cfg.lr * cfg.predictor_lr_mult
-        groups.append({"params": _predictor_params(model), "lr": lr, "weight_decay": cfg.predictor_weight_decay, "base_lr": lr, "predictor": True})
+        rest = [p for p in _predictor_params(model) if all(p is not b for b in budget)]
+        groups.append({"params": rest, "lr": lr, "weight_decay": cfg.predictor_weight_decay, "base_lr": lr, "predictor": True})
+    if budget:
+        groups.append({"params": budget, "lr": cfg.budget_lr, "weight_decay": 0.0, "base_lr": cfg.budget_lr, "predictor": True})
     return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95))
 
 
@@ -174,6 +187,8 @@ def step_loss(cfg: TrainConfig, model, teacher, input_ids: torch.Tensor, step: i
     with record_gates(core) if not cfg.control else nullcontext({}) as gates:
         out = model(input_ids=input_ids, labels=input_ids, use_cache=False)
     loss, stats = out.loss, {"ce": out.loss.item()}
+    if cfg.method == "lkv":
+        stats["temperature"] = core.spkv_config.lkv.temperature
     if gates:
         kept, counted = gate_density(gates, cfg.threshold, cfg.window)
         stats["density"] = float(mean_density(kept, counted))
@@ -226,7 +241,10 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     for step in range(start, stop):
         phase, alpha = phase_at(cfg, step)
         if not cfg.control:
-            update_config(_core(model), phase=phase, anneal_alpha=alpha)
+            changes = {"phase": phase, "anneal_alpha": alpha}
+            if cfg.method == "lkv":
+                changes["lkv"] = _core(model).spkv_config.lkv.replace(temperature=temperature_at(cfg, step))
+            update_config(_core(model), **changes)
         for group in optimizer.param_groups:
             frozen = group.get("predictor") and phase != "soft"  # the predictor is frozen after the soft phase
             group["lr"] = 0.0 if frozen else group["base_lr"] * lr_factor(cfg, step)
@@ -271,6 +289,9 @@ def export_adapter(cfg: TrainConfig, model: torch.nn.Module, base_state: dict[st
         model, rank = model.merge_and_unload(), cfg.lora_rank
     if cfg.control:  # the control has no trained gates: it deploys dense (tau = 0 keeps every pair)
         convert(model, SPKVConfig(window=cfg.window, threshold=0.0, predictor_hidden=cfg.predictor_hidden))
-    update_config(model, phase="hard", anneal_alpha=0.0)
+    changes = {"phase": "hard", "anneal_alpha": 0.0}
+    if cfg.method == "lkv":
+        changes["lkv"] = model.spkv_config.lkv.replace(temperature=cfg.temperature_end)
+    update_config(model, **changes)
     meta = {"train_config": dataclasses.asdict(cfg), "tokens": cfg.total_steps * cfg.batch_size * cfg.seq_len, "steps": cfg.total_steps}
     return save_adapter(model, path, base_state=base_state, delta_rank=rank, delta_dtype=torch.bfloat16 if rank else torch.float32, metadata=meta)

@@ -43,3 +43,11 @@ def density_target_at(cfg: TrainConfig, step: int) -> float:
     if not cfg.density_ramp_steps:
         return cfg.density_target
     return 1.0 - (1.0 - cfg.density_target) * min(1.0, (step + 1) / cfg.density_ramp_steps)
+
+
+def temperature_at(cfg: TrainConfig, step: int) -> float:
+    """LKV's soft top-k temperature: geometric from temperature_start to temperature_end over the
+    soft phase, so the mask the scorer learns through ends close to the hard top-k."""
+    soft_steps = max(1, round(cfg.total_steps * (1 - cfg.hard_fraction)))
+    progress = min(1.0, step / max(1, soft_steps - 1))
+    return cfg.temperature_start * (cfg.temperature_end / cfg.temperature_start) ** progress
