@@ -217,7 +217,7 @@ class SPKVLayer(CacheLayerMixin):
         """A prefill chunk under a budget, exact: split where some sequence cuts its heads back (after
         every exit_every exits), so each query sees what the cache held when its turn came.
         q [B, Hkv, G, n, D] -> same shape."""
-        n, first = q.shape[3], self.seen - q.shape[3]
+        first = self.seen - q.shape[3]
         leaving = max(0, min(self.recent.size, self.seen - self.window - (self.seen - self.recent.size) + 1))
         oldest = self.seen - self.recent.size
         cuts = sorted({oldest + j + self.window for j in self._cuts(leaving).any(0).nonzero().flatten().tolist()})

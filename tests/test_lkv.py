@@ -220,10 +220,10 @@ def test_budget_can_change_at_deployment_and_uniform_ablation():
         density[r] = spkv.cache_stats(cache).density
     assert density[0.1] < density[0.5]
     _, cache = _chunked(model, ids, [120], budget=0.2)  # per cache, without touching the model
-    assert abs(float(torch.stack([l.shares for l in cache.spkv_layers()]).mean()) - 0.2) < 1e-5
+    assert abs(float(torch.stack([layer.shares for layer in cache.spkv_layers()]).mean()) - 0.2) < 1e-5
     uniform = _lkv_model(budget=0.3, uniform=True)
     _, cache = _chunked(uniform, ids, [120])
-    assert all(torch.all(l.shares == 0.3) for l in cache.spkv_layers())
+    assert all(torch.all(layer.shares == 0.3) for layer in cache.spkv_layers())
 
 
 def test_errors():
@@ -261,3 +261,32 @@ def test_lkv_adapter_round_trip_and_wrong_base(tmp_path):
         spkv.load_adapter(tiny_model("llama", seed=1), tmp_path / "lkv")
     with pytest.raises(ValueError, match="different architecture"):
         spkv.load_adapter(tiny_model("qwen2"), tmp_path / "lkv")
+
+
+def test_lkv_trains_end_to_end_with_a_frozen_llm_and_its_adapter_reproduces_it(tmp_path):
+    """`spkv train --method lkv` with the LLM frozen, by distillation: the scorer and the budget
+    logits move, the LLM does not, and the exported adapter loads into a fresh base model."""
+    from spkv.cli import main
+    from .tiny_models import save_tiny_pretrained
+
+    model_dir = save_tiny_pretrained(tmp_path / "model")
+    text = tmp_path / "corpus.txt"
+    g = torch.Generator().manual_seed(0)
+    text.write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 60, (3000,), generator=g)))
+    out = tmp_path / "run"
+    main(["train", "--model", str(model_dir), "--data", str(text), "--out", str(out), "--method", "lkv", "--budget", "0.3",
+          "--train-llm", "none", "--hard-fraction", "0", "--distill-weight", "1", "--seq-len", "64", "--batch-size", "1",
+          "--max-tokens", "256", "--window", "8", "--exit-every", "4", "--predictor-hidden", "8", "--no-bf16"])
+    fresh, _ = spkv.load_model(str(model_dir))
+    spkv.load_adapter(fresh, out / "adapter")
+    assert fresh.spkv_config.lkv.budget == 0.3 and fresh.spkv_config.phase == "hard"
+    logits = torch.stack([s.budget_logits for s in scorers(fresh).values()])
+    assert logits.abs().max() > 0  # the budgets moved from their zero init
+    base, _ = spkv.load_model(str(model_dir))
+    trained = dict(fresh.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in base.named_parameters())  # the LLM stayed frozen
+    ids = torch.randint(2, 62, (1, 40))
+    with torch.no_grad():
+        full = fresh(input_ids=ids, use_cache=False).logits
+        decoded, _ = _chunked(fresh, ids, [20] + [1] * 20)
+    assert torch.allclose(full, decoded, atol=1e-4)

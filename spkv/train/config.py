@@ -129,7 +129,8 @@ class TrainConfig:
             if not 0.0 < self.budget <= 1.0:
                 raise ValueError(f"TrainConfig.budget must be in (0, 1] (the fraction of out-of-window pairs kept), got {self.budget}")
             if self.density_weight or self.control:
-                raise ValueError("LKV keeps its budget by construction: no density regulariser, and no --control (train the dense control with --method spkv --control)")
+                raise ValueError("LKV keeps its budget by construction: no density regulariser, and no --control "
+                                 "(train the dense control with --method spkv --control)")
             if self.train_llm == "none" and self.hard_fraction > 0:
                 raise ValueError("LKV with a frozen LLM (--train-llm none) trains nothing in the hard phase: set --hard-fraction 0")
             if not 0 < self.temperature_end <= self.temperature_start:
