@@ -253,5 +253,5 @@ def test_attention_policies_match_a_brute_force_simulation(policy_cls):
 
 
 def test_every_registered_policy_is_covered():
-    # expected_attention and kvzap are covered through the cache in tests/test_matched.py
-    assert set(POLICIES) == {"spkv", "keep_all", "streaming", "h2o", "tova", "key_norm", "random", "expected_attention", "kvzap"}
+    # expected_attention and kvzap are covered through the cache in tests/test_matched.py, lkv in tests/test_lkv.py
+    assert set(POLICIES) == {"spkv", "keep_all", "streaming", "h2o", "tova", "key_norm", "random", "expected_attention", "kvzap", "lkv"}
