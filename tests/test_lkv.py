@@ -267,6 +267,7 @@ def test_lkv_trains_end_to_end_with_a_frozen_llm_and_its_adapter_reproduces_it(t
     """`spkv train --method lkv` with the LLM frozen, by distillation: the scorer and the budget
     logits move, the LLM does not, and the exported adapter loads into a fresh base model."""
     from spkv.cli import main
+
     from .tiny_models import save_tiny_pretrained
 
     model_dir = save_tiny_pretrained(tmp_path / "model")
