@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import spkv
+from spkv.compat import cache_kwarg
 from spkv.config import LKVConfig, SPKVConfig
 from spkv.lkv import NEVER, RESOLUTION, eviction_times, head_shares, scorers, set_budget, soft_topk
 from spkv.policies import KeyNorm, LKVPolicy
@@ -127,7 +128,7 @@ def _chunked(model, ids, sizes, **cache_kw):
     out, pos = [], 0
     with torch.no_grad():
         for n in sizes:
-            out.append(model(input_ids=ids[:, pos : pos + n], cache=cache, use_cache=True).logits)
+            out.append(model(input_ids=ids[:, pos : pos + n], **cache_kwarg(cache), use_cache=True).logits)
             pos += n
     assert pos == ids.shape[1]
     return torch.cat(out, 1), cache
@@ -176,7 +177,7 @@ def test_left_padded_batch_equals_the_full_sequence_rule_and_each_sequence_alone
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
         cache = spkv.SPKVCache(model)
-        batch = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True).logits
+        batch = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **cache_kwarg(cache), use_cache=True).logits
         alone = model(input_ids=ids[1:, 9:], use_cache=True).logits
     real = mask.bool()
     assert torch.allclose(batch[real], full[real], atol=1e-4)
