@@ -26,7 +26,8 @@ from spkv.compat import (
     is_generate_default_cache,
 )
 from spkv.config import SPKVConfig
-from spkv.policies import ScoringPolicy, SPKVPolicy
+from spkv.lkv import budget_limits, model_shares
+from spkv.policies import LKVPolicy, ScoringPolicy, SPKVPolicy
 from spkv.store import PagedStore, page_size
 from spkv.window import Window
 
@@ -217,9 +218,8 @@ class SPKVLayer(CacheLayerMixin):
         """A prefill chunk under a budget, exact: split where some sequence cuts its heads back (after
         every exit_every exits), so each query sees what the cache held when its turn came.
         q [B, Hkv, G, n, D] -> same shape."""
-        first = self.seen - q.shape[3]
-        leaving = max(0, min(self.recent.size, self.seen - self.window - (self.seen - self.recent.size) + 1))
-        oldest = self.seen - self.recent.size
+        first, oldest = self.seen - q.shape[3], self.seen - self.recent.size
+        leaving = max(0, self._exits_up_to(self.seen - self.window))
         cuts = sorted({oldest + j + self.window for j in self._cuts(leaving).any(0).nonzero().flatten().tolist()})
         cuts = [a for a in cuts if first < a < self.seen]  # queries that must see the cut
         outs = []
@@ -299,7 +299,7 @@ class SPKVLayer(CacheLayerMixin):
     def _evict(self, upto: int) -> None:
         """Decide every window pair at position <= upto: it moves to the global store or is gone."""
         recent = self.recent
-        m = min(recent.size, upto - (self.seen - recent.size) + 1)  # the window holds positions seen - size ..
+        m = self._exits_up_to(upto)
         if m <= 0:
             return
         if self.shares is not None:
@@ -314,23 +314,25 @@ class SPKVLayer(CacheLayerMixin):
         self.store.append(keep.view(heads, m), keys.reshape(heads, m, -1), values.reshape(heads, m, -1), pos)
         recent.drop(m)
 
+    def _exits_up_to(self, upto: int) -> int:
+        """How many of the window's oldest pairs are at positions <= upto (it holds seen - size ..)."""
+        return min(self.recent.size, upto - (self.seen - self.recent.size) + 1)
+
     def _evict_budgeted(self, m: int) -> None:
         """The m oldest window pairs leave: every real one is stored, with its score (sinks: +inf,
         never evicted); each time a sequence's real exits reach a multiple of exit_every, each of its
         heads over budget_limits() drops its worst pairs (spkv.lkv.eviction_times is the same rule)."""
-        from spkv.lkv import budget_limits
-
         recent, heads = self.recent, self.batch_size * self.num_kv_heads
         cuts = self._cuts(m)
         while m > 0:
             any_cut = cuts.any(0).nonzero().flatten()
             seg = int(any_cut[0]) + 1 if len(any_cut) else m  # up to the next cut of any sequence
             keys, values, score, pos, valid, sink = recent.oldest(seg)
-            keep = valid.unsqueeze(1).expand(-1, self.num_kv_heads, -1).cpu()
-            counted = (valid & ~sink).cpu()
-            self.decided += counted.sum(-1, keepdim=True)
-            self.sinks_stored += (valid & sink).cpu().sum(-1)
-            self.exited_real += valid.cpu().sum(-1)
+            real, sink_h = valid.cpu(), sink.cpu()  # one transfer each per segment
+            keep = real.unsqueeze(1).expand(-1, self.num_kv_heads, -1)
+            self.decided += (real & ~sink_h).sum(-1, keepdim=True)
+            self.sinks_stored += (real & sink_h).sum(-1)
+            self.exited_real += real.sum(-1)
             score = score.masked_fill(sink.unsqueeze(1), float("inf"))
             self.store.append(keep.reshape(heads, seg), keys.reshape(heads, seg, -1), values.reshape(heads, seg, -1), pos,
                               scores=score.reshape(heads, seg))
@@ -367,9 +369,6 @@ class SPKVCache(Cache):
 
     def __init__(self, model: torch.nn.Module, policy: ScoringPolicy | None = None, sinks: int | None = None,
                  budget: float | None = None) -> None:
-        from spkv.lkv import model_shares
-        from spkv.policies import LKVPolicy
-
         config = getattr(model, "spkv_config", None)
         if not isinstance(config, SPKVConfig):
             raise ValueError("SPKVCache needs a model converted with spkv.convert() (or spkv.load_adapter()).")
@@ -390,7 +389,6 @@ class SPKVCache(Cache):
             else:
                 r = budget if budget is not None else lkv.budget
                 shares = {i: torch.full((model.config.get_text_config(decoder=True).num_key_value_heads,), float(r)) for i in config.layers}
-        self.budget = budget if budget is not None else lkv.budget if lkv is not None else None
         self.window = config.window
         self.sinks = config.sinks if sinks is None else sinks
         text_config = model.config.get_text_config(decoder=True)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from spkv.lkv import keep_order
+
 PAGE = 32  # pairs per page (at most): bmm over 32-pair pages runs about as fast as over contiguous pairs
 
 
@@ -114,8 +116,6 @@ class PagedStore:
         best by score (higher first; the older first among equal scores). Survivors from the tail
         move into the evicted slots, so each head's pairs stay in its first pages and the freed tail
         slots are reused by its next appends: bytes held follow the limits, not the context."""
-        from spkv.lkv import keep_order
-
         over = (self.lengths > limits).nonzero().flatten()
         if not len(over):
             return
