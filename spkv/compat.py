@@ -17,11 +17,14 @@ against the installed transformers, so a release that moves one fails a test tha
    is `self_attn` (linear-attention layers of hybrid families have none) with `layer_idx`, called
    with `hidden_states`; per-layer attention kinds are `config.layer_types`; the KV head count is
    the text config's `num_key_value_heads`.
+6. The "eager" attention implementation is the one that computes the probabilities, and an
+   attention module returns them as the second item of its output.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -40,7 +43,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 __all__ = [
     "CACHE_ARG", "CACHE_LAYER_METHODS", "Cache", "CacheLayerMixin", "cache_argument", "cache_kwarg", "decoder_layers",
-    "attention_module", "default_layers", "is_generate_default_cache", "output_cache", "register_attention", "sdpa_attention_forward",
+    "attention_module", "attention_probabilities", "default_layers",
+    "is_generate_default_cache", "output_cache", "register_attention", "sdpa_attention_forward",
 ]
 
 # 1. the cache argument's name
@@ -105,3 +109,20 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
 def attention_module(layer: torch.nn.Module) -> torch.nn.Module | None:
     """A decoder layer's softmax-attention module, or None (a linear-attention or recurrent layer)."""
     return getattr(layer, "self_attn", None)
+
+
+# 6. attention probabilities
+@contextmanager
+def attention_probabilities(model: torch.nn.Module, modules: list[torch.nn.Module],
+                            on_probs: Callable[[torch.nn.Module, torch.Tensor], None]) -> Iterator[None]:
+    """Inside the block the model runs eager attention, and each of `modules` (attention modules)
+    hands its probabilities [B, H, Tq, Tk] to on_probs(module, probs) as it runs."""
+    handles = [m.register_forward_hook(lambda module, args, output: on_probs(module, output[1])) for m in modules]
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+        for handle in handles:
+            handle.remove()

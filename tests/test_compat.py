@@ -101,3 +101,19 @@ def test_decoder_layers_and_their_attention(family):
         attn = layer.self_attn
         assert attn.layer_idx == i and attn.head_dim > 0 and isinstance(attn.k_proj, torch.nn.Linear)
     assert compat.decoder_layers(model.model) is None  # the backbone alone has no .model
+
+
+def test_attention_probabilities_are_eager_and_causal():
+    """6. Eager attention hands each module its probabilities [B, H, T, T] (causal rows summing to 1),
+    and the model's own implementation comes back after the block."""
+    model = tiny_model("llama")
+    before = model.config._attn_implementation
+    seen: dict[int, torch.Tensor] = {}
+    modules = [layer.self_attn for layer in compat.decoder_layers(model)]
+    ids = torch.randint(3, 50, (1, 12))
+    with torch.no_grad(), compat.attention_probabilities(model, modules, lambda m, p: seen.__setitem__(m.layer_idx, p)):
+        model(input_ids=ids, use_cache=False)
+    assert sorted(seen) == list(range(model.config.num_hidden_layers)) and model.config._attn_implementation == before
+    for p in seen.values():
+        assert p.shape == (1, model.config.num_attention_heads, 12, 12)
+        assert torch.allclose(p.sum(-1), torch.ones(())) and torch.all(p.triu(1) == 0)

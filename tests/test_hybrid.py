@@ -28,11 +28,53 @@ def test_designs_keep_their_budget_and_pick_the_densest():
     assert layer.units == [[True, True], [False, False], [False, False], [True, True]] and layer.per_layer
     inter = hybrid.design(DENSITY, layers, 0.25, "interleave")
     assert [row[0] for row in inter.units] == [False, False, False, True]  # 3:1 local:global
+    spread = hybrid.design([[0.0]] * 30, list(range(30)), 0.3, "interleave")  # 9 of 30 layers, evenly spaced
+    assert [i for i, row in enumerate(spread.units) if row[0]] == [2, 6, 9, 12, 16, 19, 22, 26, 29]
+    probe = hybrid.design(DENSITY, layers, 0.5, "probe-layer")  # the probe's scores rank like the density
+    assert probe.units == layer.units and probe.design == "probe-layer"
     rand = [hybrid.design(DENSITY, layers, 0.5, "random-head", seed=s) for s in range(3)]
     assert all(r.global_share == 0.5 for r in rand) and len({str(r.units) for r in rand}) > 1
     for bad in (0.0, 1.5, True):
         with pytest.raises(ValueError, match=r"\(0, 1\]"):
             hybrid.design(DENSITY, layers, bad)
+
+
+def test_probe_measures_attention_beyond_the_window_by_brute_force():
+    """probe_attention equals the mass computed from the eager attention probabilities by hand."""
+    model = tiny_model("llama", num_hidden_layers=2)
+    ids, window = _ids(24), 5
+    layers, mass = hybrid.probe_attention(model, ids, window)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        probs = model(input_ids=ids, output_attentions=True, use_cache=False).attentions  # per layer [1, H, T, T]
+    expected = []
+    for p in probs:
+        t = p.shape[-1]
+        per_query = [[float(p[0, h, q, : q - window + 1].sum()) for q in range(window, t)] for h in range(p.shape[1])]
+        per_head = [sum(row) / len(row) for row in per_query]
+        group = len(per_head) // 2  # 4 query heads, 2 KV heads
+        expected.append([sum(per_head[k * group : (k + 1) * group]) / group for k in range(2)])
+    assert layers == [0, 1]
+    assert torch.allclose(torch.tensor(mass), torch.tensor(expected), atol=1e-5)
+    gemma_layers, gemma_mass = hybrid.probe_attention(tiny_model("gemma3"), _ids(24), window)
+    assert gemma_layers == [3] and len(gemma_mass[0]) == 2  # the full-attention layer only
+    with pytest.raises(ValueError, match="longer than the window"):
+        hybrid.probe_attention(model, ids[:, :4], window)
+
+
+def test_sinks_stay_visible_in_local_units():
+    model = tiny_model("llama", num_hidden_layers=4)
+    layout = hybrid.design(DENSITY, [0, 1, 2, 3], 0.25, "learned-head", window=4, sinks=2)
+    hybrid.apply_layout(model, layout)
+    ids = _ids(30)
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+        cache = spkv.SPKVCache(model)
+        parts = [model(input_ids=ids[:, t : t + 1], **cache_kwarg(cache)).logits for t in range(ids.shape[1])]
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+    assert model.spkv_config.sinks == 2
+    with pytest.raises(ValueError, match="sink"):
+        hybrid.export_config(model.config, layout)
 
 
 def test_layout_round_trips_through_json(tmp_path):
@@ -89,3 +131,39 @@ def test_export_errors(tmp_path):
     other = hybrid.design([[0.5, 0.5]] * 2, [0, 1], 0.5, "learned-layer", window=4)
     with pytest.raises(ValueError, match="design the layout for this model"):
         hybrid.apply_layout(model, other)
+
+
+def test_a_hybrid_trains_with_the_control_recipe_and_its_adapter_runs_the_layout(tiny_pretrained, tmp_path):
+    """--hybrid-layout: the LLM trains, the layout's constant predictors do not move, LoRA starts as the
+    control's does, and the exported adapter runs the same hybrid in a fresh model."""
+    from spkv.train.config import TrainConfig
+    from spkv.train.loop import build_model, train
+
+    model_dir = tiny_pretrained()
+    text = tmp_path / "corpus.txt"
+    text.write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 60, (3000,), generator=torch.Generator().manual_seed(0))))
+    layout = hybrid.design([[0.9, 0.1], [0.2, 0.3]], [0, 1], 0.5, "learned-head", model=str(model_dir), window=4)
+    (tmp_path / "layout.json").write_text(layout.to_json())
+    common = dict(model=str(model_dir), data=[str(text)], seq_len=32, batch_size=2, max_tokens=4 * 2 * 32, window=4,
+                  warmup_steps=1, bf16=False, checkpoint_every=2, train_llm="lora", lora_rank=4, lr=1e-3)
+    cfg = TrainConfig(**common, out=str(tmp_path / "hybrid"), hybrid_layout=str(tmp_path / "layout.json"))
+    hyb, _, _, _ = build_model(cfg)
+    control, _, _, _ = build_model(TrainConfig(**common, out=str(tmp_path / "control"), control=True))
+    lora = {k: v for k, v in control.state_dict().items() if "lora_" in k}
+    assert lora and all(torch.equal(hyb.state_dict()[k], v) for k, v in lora.items())
+    before = {k: v.clone() for k, v in hyb.state_dict().items() if "spkv_predictor" in k}
+    adapter = train(cfg)
+    after = torch.load(tmp_path / "hybrid" / "checkpoint.pt", weights_only=False)["model"]
+    assert before and all(torch.equal(after[k], v) for k, v in before.items())
+    assert any("lora_" in k for k in after)
+    fresh, _ = spkv.load_model(str(model_dir))
+    spkv.load_adapter(fresh, adapter)
+    ids = torch.randint(3, 60, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = spkv.SPKVCache(fresh)
+        fresh(input_ids=ids, **cache_kwarg(cache))
+    assert torch.equal(spkv.cache_stats(cache).density_per_head == 1.0, torch.tensor(layout.units))
+    with pytest.raises(ValueError, match="window"):
+        build_model(TrainConfig(**{**common, "window": 8}, out=str(tmp_path / "w"), hybrid_layout=str(tmp_path / "layout.json")))
+    with pytest.raises(ValueError, match="fixed layout"):
+        TrainConfig(**common, out=str(tmp_path / "c"), control=True, hybrid_layout=str(tmp_path / "layout.json"))

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from spkv.compat import attention_module
+from spkv.compat import attention_module, attention_probabilities
 from spkv.convert import _decoder_layers, predictors
 from spkv.results import atomic_write
 
@@ -84,10 +84,10 @@ def fit_kvzap(model: nn.Module, sequences: torch.Tensor, window: int, config: KV
     def capture_input(module, args, kwargs):
         inputs[module.layer_idx] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach()
 
-    def accumulate(module, args, output):
+    def accumulate(module, probs):
         i = module.layer_idx
         kv_heads = module.spkv_predictor.num_kv_heads
-        target, rows = importance_target(output[1].float(), kv_heads, window)
+        target, rows = importance_target(probs.float(), kv_heads, window)
         hidden = inputs.pop(i)
         x = hidden[:, rows].reshape(-1, hidden.shape[-1]).double()
         x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
@@ -95,19 +95,13 @@ def fit_kvzap(model: nn.Module, sequences: torch.Tensor, window: int, config: KV
         xtx[i] = xtx.get(i, 0) + x.T @ x
         xty[i] = xty.get(i, 0) + x.T @ y
 
-    handles = []
-    for i in gated:
-        attn = attention_module(layers[i])
-        handles.append(attn.register_forward_pre_hook(capture_input, with_kwargs=True))
-        handles.append(attn.register_forward_hook(accumulate))
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
+    modules = [attention_module(layers[i]) for i in gated]
+    handles = [attn.register_forward_pre_hook(capture_input, with_kwargs=True) for attn in modules]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), attention_probabilities(model, modules, accumulate):
             for row in tqdm(sequences, desc="kvzap fit", unit="seq", leave=False):
                 model(input_ids=row.unsqueeze(0), use_cache=False)
     finally:
-        model.set_attn_implementation(previous)
         for h in handles:
             h.remove()
     regressors = {}

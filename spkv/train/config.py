@@ -53,6 +53,8 @@ class TrainConfig:
     out: str = _opt("runs/spkv", "run folder: checkpoint.pt, log.jsonl, train_config.json, adapter/")
     control: bool = _opt(False, "the dense control: the same recipe with no gates")
     method: str = _opt("spkv", "spkv (write gates, admitted by tau) | lkv (learned head budgets + token scorer, evicting under budget)")
+    hybrid_layout: str | None = _opt(None, "a layout JSON of spkv hybrid design: train that fixed hybrid with the control's recipe "
+                                           "(global units keep every pair, local ones the window; no gates learned)")
     train_llm: str = _opt("lora", "what of the LLM trains besides the predictors: all | lora | none")
     lora_rank: int = _opt(16, "LoRA rank (train_llm=lora)")
     seq_len: int = _opt(2048, "tokens per packed training sequence")
@@ -135,8 +137,16 @@ class TrainConfig:
                 raise ValueError("LKV with a frozen LLM (--train-llm none) trains nothing in the hard phase: set --hard-fraction 0")
             if not 0 < self.temperature_end <= self.temperature_start:
                 raise ValueError("TrainConfig needs 0 < temperature_end <= temperature_start")
+        if self.hybrid_layout is not None and (self.control or self.method != "spkv" or self.density_weight or self.train_llm == "none"):
+            raise ValueError("A hybrid trains its LLM under a fixed layout, like the control: no --control, --method lkv, "
+                             "density regulariser or --train-llm none with --hybrid-layout")
         if self.control and (self.density_weight or self.train_llm == "none"):
             raise ValueError("The dense control has no gates: no density regulariser, and train_llm must not be 'none'")
+
+    @property
+    def learns_gates(self) -> bool:
+        """Whether the run trains predictors (SP-KV, LKV) rather than the LLM alone (control, hybrid)."""
+        return not self.control and self.hybrid_layout is None
 
     @property
     def total_steps(self) -> int:

@@ -4,6 +4,8 @@ Recipe (method.md): a soft phase (attention logits += log u outside the window) 
 (1 - hard_fraction) of a cosine schedule, then the predictor is frozen and the gate is annealed to
 the exact hard decision over `anneal_steps`, so the LLM adapts to the mask it will see at inference.
 `control=True` runs the identical recipe with no gates: the dense control quality is compared with.
+`hybrid_layout` runs it too, under a fixed hybrid layout (spkv.hybrid): the LLM learns to live with
+the layout's windows, so trained hybrids compare with the control on the same tokens and data order.
 
 Runs on one CPU, or many processes/GPUs with `accelerate launch` (DDP; see README for FSDP).
 Checkpoints are atomic and `resume=True` continues with the same data order and schedule.
@@ -82,7 +84,8 @@ def training_sequence(cfg: TrainConfig, data: torch.Tensor, row: int, slot: int,
 
 
 def build_model(cfg: TrainConfig):
-    """(model, tokenizer, base_state, teacher). The model is converted unless this is the control."""
+    """(model, tokenizer, base_state, teacher). The model is converted unless this is the control
+    (a hybrid is converted and given its fixed layout)."""
     from spkv.models import load_model
 
     torch.manual_seed(cfg.seed)
@@ -92,7 +95,18 @@ def build_model(cfg: TrainConfig):
     if cfg.distill_weight:
         teacher, _ = load_model(cfg.model)
         teacher.requires_grad_(False)
-    if not cfg.control:
+    if cfg.hybrid_layout is not None:  # the fixed layout: constant, frozen predictors in the hard phase
+        from spkv.hybrid import HybridLayout, apply_layout
+
+        layout = HybridLayout.load(cfg.hybrid_layout)
+        if layout.model and layout.model != cfg.model:
+            raise ValueError(f"The layout {cfg.hybrid_layout} was designed for {layout.model!r}, not {cfg.model!r}.")
+        if layout.window != cfg.window:
+            raise ValueError(f"The layout {cfg.hybrid_layout} has window {layout.window}, the run --window {cfg.window}: make them equal.")
+        with torch.random.fork_rng():  # the predictors' init draws nothing: LoRA starts as the control's does
+            convert(model, spkv_config(cfg, phase="hard").replace(layers=layout.layers))
+            apply_layout(model, layout)
+    elif not cfg.control:
         convert(model, spkv_config(cfg, phase="soft"))
     model.config.use_cache = False
     if cfg.activation_checkpointing:  # recompute each layer in backward: memory for long --seq-len
@@ -104,7 +118,7 @@ def build_model(cfg: TrainConfig):
     elif cfg.train_llm == "none":
         model.requires_grad_(False)
     for p in _predictor_params(model):
-        p.requires_grad_(True)
+        p.requires_grad_(cfg.learns_gates)
     model.train()
     return model, tokenizer, base_state, teacher
 
@@ -134,7 +148,7 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     budget = [s.budget_logits for s in scorers(_core(model)).values()] if not cfg.uniform_budgets else []
     if pred:
         lr = cfg.lr * cfg.predictor_lr_mult
-        rest = [p for p in _predictor_params(model) if all(p is not b for b in budget)]
+        rest = [p for p in _predictor_params(model) if p.requires_grad and all(p is not b for b in budget)]
         groups.append({"params": rest, "lr": lr, "weight_decay": cfg.predictor_weight_decay, "base_lr": lr, "predictor": True})
     if budget:
         groups.append({"params": budget, "lr": cfg.budget_lr, "weight_decay": 0.0, "base_lr": cfg.budget_lr, "predictor": True})
@@ -236,11 +250,12 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
         atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
 
     stop = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
-    bar = tqdm(total=cfg.total_steps, initial=start, desc="spkv control" if cfg.control else "spkv train",
+    desc = "spkv control" if cfg.control else "spkv hybrid" if cfg.hybrid_layout else "spkv train"
+    bar = tqdm(total=cfg.total_steps, initial=start, desc=desc,
                disable=not accel.is_main_process, unit="step")
     for step in range(start, stop):
-        phase, alpha = phase_at(cfg, step)
-        if not cfg.control:
+        phase, alpha = phase_at(cfg, step) if cfg.hybrid_layout is None else ("hard", 1.0)
+        if cfg.learns_gates:
             changes = {"phase": phase, "anneal_alpha": alpha}
             if cfg.method == "lkv":
                 changes["lkv"] = _core(model).spkv_config.lkv.replace(temperature=temperature_at(cfg, step))
