@@ -1,5 +1,5 @@
 """The `spkv` command line. Each subcommand parses arguments and calls the library; the eval and
-bench subcommands are in spkv.cli.eval and spkv.cli.bench."""
+bench and hybrid subcommands are in spkv.cli.eval, spkv.cli.bench and spkv.cli.hybrid."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from spkv.cli import bench as bench_cli
 from spkv.cli import eval as eval_cli
+from spkv.cli import hybrid as hybrid_cli
 from spkv.cli.common import add_dataclass_args, add_model_args, load_model_args, read_prompt
 
 
@@ -87,36 +88,6 @@ def cmd_show(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
-def cmd_hybrid_design(args: argparse.Namespace) -> None:
-    from spkv import hybrid
-    from spkv.results import atomic_write_text
-
-    path = Path(args.analysis)
-    if not path.is_file():
-        raise FileNotFoundError(f"No analysis at {path}: run `spkv analyze --adapter A --out DIR` first (DIR/analysis.json).")
-    analysis = json.loads(path.read_text())
-    layout = hybrid.design(analysis["density_per_layer_head"], analysis["layers"], args.budget, args.design,
-                           model=analysis["model"], window=analysis["window"], seed=args.seed)
-    atomic_write_text(args.out, layout.to_json())
-    print(f"{args.design}: {100 * layout.global_share:.1f}% of {sum(map(len, layout.units))} units global; wrote {args.out}")
-
-
-def cmd_hybrid_export(args: argparse.Namespace) -> None:
-    from spkv import hybrid
-    from spkv.models import load_model
-
-    layout = hybrid.HybridLayout.load(args.layout)
-    if layout.model and args.model != layout.model:
-        raise ValueError(f"The layout was designed for {layout.model!r}, not {args.model!r}.")
-    model, tokenizer = load_model(args.model)
-    if args.adapter:  # the LLM weights to export, e.g. a dense control or a hybrid trained with the layout
-        import spkv
-
-        spkv.load_adapter(model, args.adapter)
-    hybrid.apply_layout(model, layout)
-    print(f"wrote {hybrid.export(model, layout, args.out, tokenizer)}")
-
-
 def cmd_data(args: argparse.Namespace) -> None:
     from spkv.data.corpus import build_corpus, corpus_dir
 
@@ -165,21 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--out", default="results/show", help="folder for show.html, show.png, show.json")
     sh.set_defaults(func=cmd_show)
 
-    hy = sub.add_parser("hybrid", help="hybrid local-global layouts from the learned density, and their export")
-    hysub = hy.add_subparsers(dest="hybrid_command", required=True)
-    hd = hysub.add_parser("design", help="pick the units that stay global for a KV budget (a JSON layout)")
-    hd.add_argument("--analysis", required=True, help="analysis.json of spkv analyze (density per layer x KV head)")
-    hd.add_argument("--budget", type=float, required=True, help="share of out-of-window memory kept, in (0, 1]")
-    hd.add_argument("--design", default="learned-head", choices=["learned-head", "learned-layer", "interleave", "random-head"])
-    hd.add_argument("--seed", type=int, default=0, help="for random-head")
-    hd.add_argument("--out", required=True, help="layout JSON file")
-    hd.set_defaults(func=cmd_hybrid_design)
-    hx = hysub.add_parser("export", help="a per-layer hybrid as a plain transformers checkpoint (sliding/full layer_types)")
-    hx.add_argument("--model", default="smollm2-135m")
-    hx.add_argument("--adapter", help="adapter whose LLM weights to export (e.g. the dense control); default the base model")
-    hx.add_argument("--layout", required=True, help="layout JSON of spkv hybrid design (learned-layer or interleave)")
-    hx.add_argument("--out", required=True)
-    hx.set_defaults(func=cmd_hybrid_export)
+    hybrid_cli.add_parsers(sub)
 
     d = sub.add_parser("data", help="build the offline training/held-out corpus from packages")
     d.add_argument("--out", help="default: $SPKV_CORPUS or ~/.cache/spkv/corpus (where spkv train looks)")
