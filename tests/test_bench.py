@@ -142,3 +142,31 @@ def test_synthetic_fill_matches_model_fill(name):
     if name == "density-25":
         assert abs(synthetic_kv["density"] - 0.25) < 0.1
         assert caches["synthetic"].tokens_seen == context + steps and caches["synthetic"].num_sequences == batch
+
+
+def test_decode_times_an_exported_hybrid_against_its_proportional_cost(tmp_path):
+    """hybrid-export: the plain transformers model of `spkv hybrid export` with its own StaticCache,
+    whose sliding layers hold only the window, next to static and window-only in the same run."""
+    from spkv import hybrid
+
+    model = common.build_tiny_model()
+    layers = list(range(model.config.num_hidden_layers))
+    heads = model.config.num_key_value_heads
+    layout = hybrid.design([[1.0] * heads if i % 2 else [0.0] * heads for i in layers], layers, 0.5, "learned-layer", window=16)
+    export = hybrid.export(hybrid.apply_layout(model, layout), layout, tmp_path / "export")
+    given = {"caches": ["static", "window-only", "hybrid-export"], "hybrid_export": str(export), "bandwidth_mib": 8,
+             "contexts": [160], "batch_sizes": [1]}
+    result = decode.run_decode(common.settings_from(decode.DecodeSettings, given, decode.QUICK_DECODE), progress=False)
+    rows = {r["cache"]: r for r in result["rows"]}
+    assert all(r["status"] == "ok" for r in rows.values()), [r["status"] for r in rows.values()]
+    extra = decode.QUICK_DECODE["warmup"] + decode.QUICK_DECODE["steps"] * decode.QUICK_DECODE["repeats"]
+    per_layer = rows["static"]["kv_bytes_held"] / (len(layers) * (160 + extra))  # bytes per token per layer
+    half = len(layers) // 2  # global layers hold the whole run, sliding ones the window
+    assert rows["hybrid-export"]["kv_bytes_held"] == pytest.approx(per_layer * half * (160 + extra + 16))
+    (cost,) = result["hybrid_export_cost"]
+    assert cost["global_share"] == 0.5 and cost["hybrid_export_ms"] == rows["hybrid-export"]["step_ms"]
+    assert cost["ideal_ms"] == pytest.approx(rows["window-only"]["step_ms"] + 0.5 * (rows["static"]["step_ms"] - rows["window-only"]["step_ms"]))
+    assert "measured / ideal" in decode.decode_markdown({**result, "provenance": {}})
+    skipped = decode.run_decode(common.settings_from(decode.DecodeSettings, {**given, "hybrid_export": None, "caches": ["hybrid-export"]},
+                                                     decode.QUICK_DECODE), progress=False)
+    assert skipped["rows"][0]["status"] == "skipped: no --hybrid-export" and "hybrid_export_cost" not in skipped

@@ -167,3 +167,70 @@ def test_a_hybrid_trains_with_the_control_recipe_and_its_adapter_runs_the_layout
         build_model(TrainConfig(**{**common, "window": 8}, out=str(tmp_path / "w"), hybrid_layout=str(tmp_path / "layout.json")))
     with pytest.raises(ValueError, match="fixed layout"):
         TrainConfig(**common, out=str(tmp_path / "c"), control=True, hybrid_layout=str(tmp_path / "layout.json"))
+
+
+def test_compare_at_equal_memory_measures_every_row_and_resumes(tiny_pretrained, tmp_path):
+    """spkv hybrid compare: the control is the reference, a post-hoc row is the layout on the control's
+    weights (its NLL equals a token-by-token decode through the compact cache), its budget is measured,
+    a trained hybrid is found by its adapter, and an interrupted comparison keeps its finished rows."""
+    import json
+    import random
+
+    import torch.nn.functional as F
+
+    from spkv.cli import main
+    from spkv.train.config import TrainConfig
+    from spkv.train.loop import train
+
+    from .tiny_models import randomize_gates
+
+    model_dir, words = tiny_pretrained(), 60
+    control_model, _ = spkv.load_model(str(model_dir))
+    spkv.convert(control_model, spkv.SPKVConfig(window=4, threshold=0.0))
+    control = spkv.save_adapter(control_model, tmp_path / "control")
+    gated, _ = spkv.load_model(str(model_dir))
+    spkv.convert(gated, spkv.SPKVConfig(window=4, threshold=0.5))
+    randomize_gates(gated, seed=1)
+    adapter = spkv.save_adapter(gated, tmp_path / "spkv")
+    layout = hybrid.design([[0.9, 0.1], [0.2, 0.3]], [0, 1], 0.5, "learned-head", model=str(model_dir), window=4)
+    (tmp_path / "layout.json").write_text(layout.to_json())
+    text = tmp_path / "corpus.txt"
+    text.write_text(" ".join(f"w{random.Random(0).randrange(words)}" for _ in range(3000)))
+    trained = train(TrainConfig(model=str(model_dir), data=[str(text)], out=str(tmp_path / "run"), seq_len=32, batch_size=1,
+                                max_tokens=2 * 32, window=4, warmup_steps=1, bf16=False, train_llm="lora", lora_rank=4,
+                                hybrid_layout=str(tmp_path / "layout.json")))
+    rng = random.Random(0)
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"id": f"h{i}", "text": " ".join(f"w{rng.randrange(words)}" for _ in range(60))}) + "\n"
+                               for i in range(2)))
+    out = tmp_path / "out"
+    argv = ["hybrid", "compare", "--model", str(model_dir), "--control", str(control), "--adapter", str(adapter), "--tau", "0.5",
+            "--layouts", str(tmp_path / "layout.json"), "--trained", str(trained), "--seq-len", "40", "--sequences", "2",
+            "--heldout", str(heldout), "--out", str(out)]
+    main(argv)
+    result = json.loads((out / "hybrids.json").read_text())
+    labels = [r["label"] for r in result["rows"]]
+    assert labels == ["dense control", "SP-KV tau=0.5", "learned-head 0.5 post-hoc", "learned-head 0.5 trained"]
+    control_row, _, posthoc, trained_row = result["rows"]
+    assert control_row["dnll_pct_vs_control"] == 0.0 and control_row["density"] == 1.0
+    assert posthoc["density"] == trained_row["density"] == 0.5  # measured: 2 of 4 units keep everything, 2 nothing
+    model = hybrid.apply_layout(spkv.load_adapter(spkv.load_model(str(model_dir))[0], control), layout)
+    tokenizer = spkv.load_model(str(model_dir))[1]
+    for doc, expected in zip(heldout.read_text().splitlines(), posthoc["nll_per_sequence"]):
+        ids = torch.tensor([tokenizer(json.loads(doc)["text"], add_special_tokens=False).input_ids[:40]])
+        cache = spkv.SPKVCache(model)
+        with torch.no_grad():
+            logits = torch.cat([model(input_ids=ids[:, t : t + 1], **cache_kwarg(cache)).logits for t in range(40)], 1)
+        assert F.cross_entropy(logits[0, :-1], ids[0, 1:]).item() == pytest.approx(expected, abs=1e-5)
+    assert (out / "hybrids.md").read_text().count("post-hoc") >= 1 and (out / "hybrids.png").stat().st_size > 0
+    # an interrupted run: the partial file's rows are kept as they are, the rest is measured
+    partial = {**result, "rows": [{**r, "nll": r["nll"] + 1.0} if i == 1 else r for i, r in enumerate(result["rows"][:2])]}
+    (out / "hybrids.partial.json").write_text(json.dumps(partial))
+    main(argv)
+    again = json.loads((out / "hybrids.json").read_text())["rows"]
+    assert again[1]["nll"] == result["rows"][1]["nll"] + 1.0 and again[2]["nll"] == posthoc["nll"]
+    assert not (out / "hybrids.partial.json").exists()
+    other = hybrid.design([[0.5, 0.5]] * 2, [0, 1], 0.5, "learned-layer", model="another-model", window=4)
+    (tmp_path / "other.json").write_text(other.to_json())
+    with pytest.raises(SystemExit, match="designed for 'another-model'"):
+        main([*argv[:11], str(tmp_path / "other.json"), *argv[12:]])

@@ -44,15 +44,20 @@ def load_base(name: str, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
 
 class ModelPool:
     """Loads each model variant once, on first use: `base` (unconverted), `converted` (spkv.convert
-    with untrained predictors) and `adapter` (--adapter loaded)."""
+    with untrained predictors), `adapter` (--adapter loaded) and `export` (the plain transformers
+    model of `spkv hybrid export`, loaded without spkv)."""
 
-    def __init__(self, name: str, dtype: torch.dtype, window: int, adapter: str | None) -> None:
-        self.name, self.dtype, self.window, self.adapter = name, dtype, window, adapter
+    def __init__(self, name: str, dtype: torch.dtype, window: int, adapter: str | None, export: str | None = None) -> None:
+        self.name, self.dtype, self.window, self.adapter, self.export = name, dtype, window, adapter, export
         self.models: dict[str, torch.nn.Module] = {}
         self.tokenizer: Any = None
         self._prompts: dict[tuple[int, int], tuple[torch.Tensor, str]] = {}
 
     def get(self, variant: str) -> torch.nn.Module:
+        if variant == "export" and variant not in self.models:
+            from transformers import AutoModelForCausalLM
+
+            self.models[variant] = AutoModelForCausalLM.from_pretrained(self.export, dtype=self.dtype).eval()
         if variant not in self.models:
             model, tokenizer = load_base(self.name, self.dtype)
             self.tokenizer = self.tokenizer or tokenizer

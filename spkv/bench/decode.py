@@ -15,6 +15,9 @@ Cache names (decode):
     spkv-adapter  the model with --adapter loaded, decisions by its predictors
     density-P     converted model, RandomPolicy(threshold=1 - P/100): a forced density of P%
     window-only   converted model, StreamingLLM and no sinks: nothing kept outside the window
+    hybrid-export the per-layer hybrid of `spkv hybrid export` (--hybrid-export), a plain transformers
+                  model with transformers' StaticCache (its sliding layers hold the window); its
+                  step is compared with window-only + global share x (static - window-only)
 
 How a decode row's cache is filled with its `context` tokens (--fill):
     synthetic  (default) random keys/values of the model's exact shapes and dtype, written through
@@ -55,6 +58,7 @@ from spkv.bench.common import (
     model_info,
     synthetic_fill,
 )
+from spkv.bench.hybrid_cost import proportional_cost, proportional_cost_markdown
 from spkv.bench.machine import (
     GIB,
     MIB,
@@ -79,6 +83,7 @@ DEFAULT_CACHES = ["dynamic", "static", "spkv-adapter", "density-10", "density-25
 class DecodeSettings:
     model: str = "smollm2-135m"
     adapter: str | None = None
+    hybrid_export: str | None = None  # folder of `spkv hybrid export`, for the hybrid-export cache
     contexts: list[int] = field(default_factory=lambda: [1024, 4096, 8192, 16384, 32768])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     caches: list[str] = field(default_factory=lambda: list(DEFAULT_CACHES))
@@ -116,6 +121,8 @@ def parse_cache(name: str) -> CacheSpec:
         return CacheSpec(name, "adapter")
     if name == "window-only":
         return CacheSpec(name, "converted", StreamingLLM(threshold=0.0), sinks=0, kv_fraction=0.0)
+    if name == "hybrid-export":
+        return CacheSpec(name, "export")
     if name.startswith("density-"):
         try:
             percent = float(name.split("-", 1)[1])
@@ -124,13 +131,13 @@ def parse_cache(name: str) -> CacheSpec:
         if not 0 < percent <= 100:
             raise ValueError(f"cache {name!r}: density-P needs P in (0, 100]")
         return CacheSpec(name, "converted", RandomPolicy(threshold=1 - percent / 100, seed=0), kv_fraction=percent / 100)
-    raise ValueError(f"unknown cache {name!r}; choose from dynamic, static, spkv-adapter, density-P, window-only")
+    raise ValueError(f"unknown cache {name!r}; choose from dynamic, static, spkv-adapter, density-P, window-only, hybrid-export")
 
 
 def make_cache(spec: CacheSpec, model: torch.nn.Module, max_len: int) -> Cache:
     if spec.name == "dynamic":
         return DynamicCache(config=model.config)
-    if spec.name == "static":
+    if spec.name in ("static", "hybrid-export"):  # the export's config makes its sliding layers hold the window
         return StaticCache(config=model.config, max_cache_len=max_len)
     policy = replace(spec.policy) if spec.policy is not None else None  # fresh state (RandomPolicy's generator)
     cache = SPKVCache(model, policy=policy, sinks=spec.sinks)
@@ -203,7 +210,7 @@ def expected_kv_bytes(s: DecodeSettings, spec: CacheSpec, model: torch.nn.Module
     """KV bytes the row's cache is expected to hold at the end of the run (the memory budget's estimate)."""
     element = next(model.parameters()).element_size()
     full = predicted_kv_bytes(model.config, context + s.warmup + s.steps * s.repeats, batch, element)
-    window_share = min(1.0, s.window / context) if spec.variant != "base" else 0.0
+    window_share = min(1.0, s.window / context) if spec.variant in ("converted", "adapter") else 0.0
     return full * min(1.0, spec.kv_fraction + window_share)
 
 
@@ -211,6 +218,8 @@ def skip_reason(s: DecodeSettings, spec: CacheSpec, pool: ModelPool, context: in
     """Why a row will not run (None: it runs)."""
     if spec.variant == "adapter" and not s.adapter:
         return "skipped: no --adapter"
+    if spec.variant == "export" and not s.hybrid_export:
+        return "skipped: no --hybrid-export"
     if row_fill(s, spec) != s.fill and context * batch > s.max_model_fill_tokens:
         return (f"skipped: model fill too long (context x batch {context * batch} > "
                 f"--max-model-fill-tokens {s.max_model_fill_tokens})")
@@ -375,7 +384,7 @@ def run_decode(s: DecodeSettings, progress: bool = True) -> dict[str, Any]:
 
 
 def _run_decode(s: DecodeSettings, specs: list[CacheSpec], progress: bool) -> dict[str, Any]:
-    pool = ModelPool(s.model, DTYPES[s.dtype], s.window, s.adapter)
+    pool = ModelPool(s.model, DTYPES[s.dtype], s.window, s.adapter, s.hybrid_export)
     base = pool.get("base")
     bandwidth = measure_bandwidth(s.bandwidth_mib)
     plan = [(c, b, spec) for c in s.contexts for b in s.batch_sizes for spec in specs]
@@ -396,11 +405,12 @@ def _run_decode(s: DecodeSettings, specs: list[CacheSpec], progress: bool) -> di
         rows.append(row)
         gc.collect()
     add_speedups(rows)
+    ideal = proportional_cost(rows, s.hybrid_export) if any(r.cache == "hybrid-export" and r.status == "ok" for r in rows) else None
     return {
         "benchmark": "decode", "settings": asdict(s), "fill": s.fill, "threads": torch.get_num_threads(),
         "model": model_info(base, s.model, s.dtype),
         "bandwidth": bandwidth, "estimate": estimate, "wall_s": time.perf_counter() - run_start,
-        "rows": [asdict(r) for r in rows],
+        "rows": [asdict(r) for r in rows], **({"hybrid_export_cost": ideal} if ideal is not None else {}),
         "notes": [
             f"fill={s.fill}: " + ("caches filled with random K/V of the model's shapes through each cache's own "
                                   "update/eviction, without running the model (spkv-adapter rows: model fill); "
@@ -438,6 +448,8 @@ def decode_markdown(result: dict[str, Any]) -> str:
             f"| {_num(r['rss_peak_so_far_mib'], '.0f')} | {r['status']}{' (beyond model positions)' if r['beyond_model_positions'] else ''} |"
         )
     lines += ["", *(f"- {n}" for n in result["notes"]), ""]
+    if result.get("hybrid_export_cost"):
+        lines += [proportional_cost_markdown(result["hybrid_export_cost"])]
     return "\n".join(lines)
 
 

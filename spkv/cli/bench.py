@@ -55,7 +55,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     bsub = b.add_subparsers(dest="bench_command", required=True)
     bd = bsub.add_parser("decode", help="decode step time and KV memory across caches, contexts and batch sizes")
     _add_bench_args(bd)
-    bd.add_argument("--caches", nargs="+", help="dynamic static spkv-adapter density-P window-only (default: all, P = 10 25 50)")
+    bd.add_argument("--caches", nargs="+", help="dynamic static spkv-adapter density-P window-only hybrid-export "
+                    "(default: all but hybrid-export, P = 10 25 50)")
+    bd.add_argument("--hybrid-export", help="folder of spkv hybrid export, for the hybrid-export cache")
     bd.add_argument("--steps", type=int, help="timed decode steps per repeat (default 16)")
     bd.add_argument("--warmup", type=int, help="untimed decode steps first (default 3)")
     bd.add_argument("--bandwidth-mib", type=int, help="size of the bandwidth-measuring copy (default 512)")

@@ -60,6 +60,31 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {hybrid.export(model, layout, args.out, tokenizer)}")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from spkv.data.heldout import heldout_set
+    from spkv.eval.hybrids import compare_hybrids, hybrids_markdown, plot_hybrids
+    from spkv.models import load_model
+    from spkv.results import PartialRun, atomic_write_text, merge_by
+
+    for path in args.layouts:
+        layout = json.loads(Path(path).read_text()) if Path(path).is_file() else None
+        if layout is None:
+            raise FileNotFoundError(f"No layout at {path}: write one with `spkv hybrid design`.")
+        if layout["model"] and layout["model"] != args.model:
+            raise ValueError(f"The layout {path} was designed for {layout['model']!r}, not {args.model!r}.")
+    _, tokenizer = load_model(args.model)
+    data = heldout_set(tokenizer, seq_len=args.seq_len, max_sequences=args.sequences, corpus=args.heldout)
+    out = Path(args.out)
+    run = PartialRun(out, "hybrids")
+    done = merge_by(run.earlier()[:1], "rows", "label") if run.partial.exists() else {}  # an interrupted run resumes
+    result = compare_hybrids(args.model, args.control, args.adapter, args.tau, args.layouts, args.trained, data, done=done,
+                             save=run.save)
+    atomic_write_text(out / "hybrids.md", hybrids_markdown(result))
+    plot_hybrids(result, out)
+    run.finish(result)
+    print(hybrids_markdown(result))
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     from spkv.hybrid import DESIGNS
 
@@ -89,3 +114,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     hx.add_argument("--layout", required=True, help="layout JSON of spkv hybrid design (a per-layer design)")
     hx.add_argument("--out", required=True)
     hx.set_defaults(func=cmd_export)
+    hc = hysub.add_parser("compare", help="held-out NLL of the control, SP-KV and hybrids at equal KV memory (table and plot)")
+    hc.add_argument("--model", default="smollm2-135m")
+    hc.add_argument("--control", required=True, help="the dense control's adapter (its weights carry post-hoc layouts)")
+    hc.add_argument("--adapter", required=True, help="the SP-KV adapter")
+    hc.add_argument("--tau", type=float, default=0.5, help="SP-KV's threshold")
+    hc.add_argument("--layouts", nargs="*", default=[], help="layout JSON files, run post-hoc on the control's weights")
+    hc.add_argument("--trained", nargs="*", default=[], help="adapters of spkv train --hybrid-layout")
+    hc.add_argument("--seq-len", type=int, default=2048)
+    hc.add_argument("--sequences", type=int, default=16)
+    hc.add_argument("--heldout", help="held-out .jsonl (default: the spkv data corpus)")
+    hc.add_argument("--out", default="results/hybrid", help="folder for hybrids.json, hybrids.md, hybrids.png")
+    hc.set_defaults(func=cmd_compare)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Issue 18 on SmolLM2-135M: the dense probe, layouts of every design at KV budgets 0.3 (the shipped
+# SP-KV adapter's 29.6% density), 0.15 and 0.5 (random-head: 3 seeds at 0.3), and the equal-memory
+# comparison on 16 held-out documents at 2k: dense control, SP-KV at tau 0.5, each layout post-hoc on
+# the control's weights, and each trained hybrid in adapters/hybrids/ (scripts/train_hybrids_smollm2.sh).
+# Resumable (an interrupted comparison keeps its rows). Needs `spkv data`. THREADS sets torch threads.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
+out=results/hybrid/smollm2 layouts=results/hybrid/smollm2/layouts
+mkdir -p $layouts
+[ -f $out/probe.json ] || .venv/bin/spkv hybrid probe --model smollm2-135m --window 128 --seq-len 2048 --sequences 8 --out $out/probe.json
+files=()
+for budget in 0.3 0.15 0.5; do
+  for design in learned-head learned-layer probe-head probe-layer interleave; do
+    scores=results/analysis/smollm2/analysis.json
+    [[ $design == probe-* ]] && scores=$out/probe.json
+    f=$layouts/$design-$budget.json
+    [ -f $f ] || .venv/bin/spkv hybrid design --scores $scores --budget $budget --design $design --out $f
+    files+=($f)
+  done
+  if [ $budget = 0.3 ]; then
+    for seed in 0 1 2; do
+      f=$layouts/random-head-s$seed-$budget.json
+      [ -f $f ] || .venv/bin/spkv hybrid design --scores results/analysis/smollm2/analysis.json --budget $budget \
+          --design random-head --seed $seed --out $f
+      files+=($f)
+    done
+  fi
+done
+trained=$(ls -d adapters/hybrids/smollm2-135m-* 2>/dev/null || true)
+.venv/bin/spkv hybrid compare --model smollm2-135m --control adapters/smollm2-135m-control --adapter adapters/smollm2-135m-spkv \
+    --tau 0.5 --layouts "${files[@]}" --trained $trained --seq-len 2048 --sequences 16 --out $out

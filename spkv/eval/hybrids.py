@@ -1,0 +1,136 @@
+"""Hybrids at equal KV memory: the dense control, SP-KV at tau, and each hybrid layout on the same
+held-out documents, as held-out NLL against the KV budget.
+
+A hybrid's budget is its share of global units, which is the share of out-of-window memory it keeps
+(every unit of a model holds the same bytes per pair); SP-KV's is its measured density. Post-hoc
+hybrids put the layout on the dense control's weights, so the difference from the control is the
+layout alone; trained hybrids are adapters trained under their layout with the control's recipe.
+Every row's density is measured on the documents, not taken from the layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from spkv.data.heldout import HeldoutSet
+from spkv.eval.nll import nll_full_sequence, paired_dnll_stderr
+from spkv.hybrid import HybridLayout, apply_layout
+from spkv.results import pyplot, save_figure
+
+
+def layout_label(layout: HybridLayout, kind: str) -> str:
+    seed = f" s{layout.seed}" if layout.seed is not None else ""
+    sinks = f" +{layout.sinks} sinks" if layout.sinks else ""
+    return f"{layout.design}{seed}{sinks} {layout.budget:g} {kind}"
+
+
+def trained_layout(adapter: str | Path) -> HybridLayout:
+    """The layout an adapter of `spkv train --hybrid-layout` was trained under (from its metadata)."""
+    from spkv.adapter import read_adapter_config
+
+    path = read_adapter_config(adapter)["metadata"].get("train_config", {}).get("hybrid_layout")
+    if not path:
+        raise ValueError(f"{adapter} was not trained under a hybrid layout (its train_config has no hybrid_layout).")
+    return HybridLayout.load(path)
+
+
+def compare_hybrids(model_name: str, control: str, spkv_adapter: str, tau: float, layouts: list[str], trained: list[str],
+                    data: HeldoutSet, done: dict[str, dict[str, Any]] | None = None,
+                    save: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
+    """Rows for the control, SP-KV at tau, each layout file on the control's weights (post-hoc) and each
+    trained hybrid adapter. `done` rows (by label) are kept, not run again; `save` gets the partial
+    result after every row, so an interrupted comparison resumes where it stopped."""
+    import spkv
+    from spkv.models import load_model
+
+    done = dict(done or {})
+    plan: list[tuple[str, dict[str, Any], Callable[[], Any]]] = []
+
+    def fresh(adapter: str) -> Any:
+        model, _ = load_model(model_name)
+        return spkv.load_adapter(model, adapter)
+
+    def with_tau() -> Any:
+        model = fresh(spkv_adapter)
+        spkv.set_threshold(model, tau)
+        return model
+
+    plan.append(("dense control", {"kind": "control", "adapter": control}, lambda: fresh(control)))
+    plan.append((f"SP-KV tau={tau:g}", {"kind": "spkv", "adapter": spkv_adapter, "threshold": tau}, with_tau))
+    for path in layouts:
+        layout = HybridLayout.load(path)
+        info = {"kind": "post-hoc", "layout": path, "design": layout.design, "budget": layout.budget, "adapter": control}
+        plan.append((layout_label(layout, "post-hoc"), info, lambda layout=layout: apply_layout(fresh(control), layout)))
+    for adapter in trained:
+        layout = trained_layout(adapter)
+        info = {"kind": "trained", "design": layout.design, "budget": layout.budget, "adapter": adapter}
+        plan.append((layout_label(layout, "trained"), info, lambda adapter=adapter: fresh(adapter)))
+
+    rows = []
+    for label, info, build in plan:
+        if label not in done:
+            done[label] = {"label": label, **info, **nll_full_sequence(build(), data, label).__dict__}
+        rows.append(done[label])
+        if save is not None:
+            save(_result(model_name, data, rows))
+    return _result(model_name, data, rows)
+
+
+def _result(model_name: str, data: HeldoutSet, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    reference = rows[0]
+    for r, se in zip(rows, paired_dnll_stderr(rows, reference)):
+        r["dnll_pct_vs_control"] = 100 * (r["nll"] - reference["nll"]) / reference["nll"]
+        r["dnll_pct_stderr"] = se
+    return {"model": model_name, "seq_len": int(data.input_ids.shape[1]), "sequences": len(data.doc_ids), "doc_ids": data.doc_ids,
+            "rows": rows}
+
+
+def hybrids_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"Held-out NLL of {result['model']} at {result['seq_len']} tokens on {result['sequences']} documents, at equal KV memory: "
+        "KV budget = measured share of out-of-window pairs kept (mean over layers x KV heads). Post-hoc hybrids put the "
+        "layout on the dense control's weights; trained ones were adapted under it with the control's recipe and tokens.",
+        "",
+        "| method | KV budget (measured) | NLL | dNLL% vs dense control (± paired s.e.) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['label']} | {100 * r['density']:.1f}% | {r['nll']:.4f} | {r['dnll_pct_vs_control']:+.2f}% ± "
+                     f"{r['dnll_pct_stderr']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_hybrids(result: dict[str, Any], out: Path) -> Path:
+    """hybrids.png: dNLL% vs KV budget, one line per design (post-hoc dashed, trained solid; seeds of a
+    random design averaged, each seed a dot), SP-KV a star."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    series: dict[tuple[str, str], dict[float, list[dict[str, Any]]]] = {}
+    for r in result["rows"]:
+        if r["kind"] in ("post-hoc", "trained"):
+            series.setdefault((r["design"], r["kind"]), {}).setdefault(r["budget"], []).append(r)
+    designs = sorted({d for d, _ in series})
+    for (design, kind), by_budget in sorted(series.items()):
+        color, budgets = f"C{designs.index(design) % 10}", sorted(by_budget)
+        mean = [[sum(r[k] for r in by_budget[b]) / len(by_budget[b]) for b in budgets] for k in ("density", "dnll_pct_vs_control")]
+        err = [max(r["dnll_pct_stderr"] for r in by_budget[b]) for b in budgets]
+        ax.errorbar([100 * x for x in mean[0]], mean[1], yerr=err, marker="o", capsize=2, color=color,
+                    linestyle="-" if kind == "trained" else "--", label=f"{design} ({kind})")
+        if any(len(v) > 1 for v in by_budget.values()):
+            dots = [r for b in budgets for r in by_budget[b]]
+            ax.scatter([100 * r["density"] for r in dots], [r["dnll_pct_vs_control"] for r in dots], s=8, color=color)
+    for r in result["rows"]:
+        if r["kind"] == "spkv":
+            ax.errorbar([100 * r["density"]], [r["dnll_pct_vs_control"]], yerr=[r["dnll_pct_stderr"]], marker="*", markersize=12,
+                        color="black", linestyle="none", label=r["label"])
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("KV budget: out-of-window pairs kept (%)")
+    ax.set_ylabel("dNLL% vs dense control")
+    ax.set_title(f"{result['model']}, {result['seq_len']} tokens, {result['sequences']} documents", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    path = save_figure(fig, out / "hybrids.png")
+    plt.close(fig)
+    return path
