@@ -119,6 +119,20 @@ def save_figure(fig: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
 
 
+def finish_dnll_plot(fig: Any, ax: Any, result: dict[str, Any], xlabel: str, path: str | os.PathLike) -> Path:
+    """The quality-vs-memory plots' shared frame: dNLL% vs the dense control against `xlabel`, a zero
+    line, a title naming model, length and documents; saved atomically and closed."""
+    ax.axhline(0.0, color="gray", linewidth=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("dNLL% vs dense control")
+    ax.set_title(f"{result['model']}, {result['seq_len']} tokens, {result['sequences']} held-out documents", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    saved = save_figure(fig, path)
+    pyplot().close(fig)
+    return saved
+
+
 def pyplot() -> Any:
     """matplotlib.pyplot on the file-only Agg backend (no display on servers and CI)."""
     import matplotlib

@@ -17,7 +17,7 @@ from typing import Any
 from spkv.data.heldout import HeldoutSet
 from spkv.eval.nll import nll_full_sequence, paired_dnll_stderr
 from spkv.hybrid import HybridLayout, apply_layout
-from spkv.results import pyplot, save_figure
+from spkv.results import finish_dnll_plot, pyplot
 
 
 def layout_label(layout: HybridLayout, kind: str) -> str:
@@ -105,8 +105,7 @@ def hybrids_markdown(result: dict[str, Any]) -> str:
 def plot_hybrids(result: dict[str, Any], out: Path) -> Path:
     """hybrids.png: dNLL% vs KV budget, one line per design (post-hoc dashed, trained solid; seeds of a
     random design averaged, each seed a dot), SP-KV a star."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.5))
     series: dict[tuple[str, str], dict[float, list[dict[str, Any]]]] = {}
     for r in result["rows"]:
         if r["kind"] in ("post-hoc", "trained"):
@@ -125,12 +124,4 @@ def plot_hybrids(result: dict[str, Any], out: Path) -> Path:
         if r["kind"] == "spkv":
             ax.errorbar([100 * r["density"]], [r["dnll_pct_vs_control"]], yerr=[r["dnll_pct_stderr"]], marker="*", markersize=12,
                         color="black", linestyle="none", label=r["label"])
-    ax.axhline(0.0, color="grey", linewidth=0.8)
-    ax.set_xlabel("KV budget: out-of-window pairs kept (%)")
-    ax.set_ylabel("dNLL% vs dense control")
-    ax.set_title(f"{result['model']}, {result['seq_len']} tokens, {result['sequences']} documents", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    path = save_figure(fig, out / "hybrids.png")
-    plt.close(fig)
-    return path
+    return finish_dnll_plot(fig, ax, result, "KV budget: out-of-window pairs kept (%)", out / "hybrids.png")

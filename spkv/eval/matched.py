@@ -184,20 +184,11 @@ def matched_markdown(result: dict[str, Any]) -> str:
 
 def plot_matched(result: dict[str, Any], out: Path) -> Path:
     """quality_vs_density.png: dNLL% against density, one point per method (with paired s.e.)."""
-    from spkv.results import pyplot, save_figure
+    from spkv.results import finish_dnll_plot, pyplot
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6, 4.2))
     for i, r in enumerate(r for r in result["rows"] if r["density"] is not None and r["method"] != "dense control"):
         ax.errorbar(100 * r["density"], r["dnll_pct"], yerr=r["dnll_pct_stderr"], fmt="os^vD<>P*X"[i % 10],
                     capsize=3, label=r["method"])
-    ax.axhline(0.0, color="gray", linewidth=0.8)
     ax.axvline(100 * result["target_density"], color="gray", linestyle=":", linewidth=0.8)
-    ax.set_xlabel("density (% of out-of-window pairs kept)")
-    ax.set_ylabel("dNLL% vs dense control")
-    ax.set_title(f"{result['model']}, {result['seq_len']} tokens, {result['sequences']} held-out documents", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    path = save_figure(fig, out / "quality_vs_density.png")
-    plt.close(fig)
-    return path
+    return finish_dnll_plot(fig, ax, result, "density (% of out-of-window pairs kept)", out / "quality_vs_density.png")
