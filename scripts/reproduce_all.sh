@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 stamps=runs/reproduce
 mkdir -p $stamps
 
-STEP_ORDER=(data core train_reg25 train_smollm2 eval_smollm2 train_options eval_matched analyze
+STEP_ORDER=(data core train_reg25 train_smollm2 eval_smollm2 train_options eval_matched analyze hybrids
             train_gemma3 eval_nll_gemma3 eval_tasks_gemma3 bench readme)
 
 set_aside() {  # move committed result files of a step aside, once, before it first starts
@@ -41,6 +41,9 @@ run_step() {
       .venv/bin/python scripts/options_report.py ;;
     eval_matched) ANALYZE=0 bash scripts/eval_matched_smollm2.sh ;;
     analyze) bash scripts/analyze_smollm2.sh ;;
+    hybrids)
+      bash scripts/train_hybrids_smollm2.sh
+      bash scripts/hybrid_smollm2.sh ;;
     train_gemma3) bash scripts/train_gemma3.sh ;;
     eval_nll_gemma3) bash scripts/eval_nll_gemma3.sh ;;
     eval_tasks_gemma3)

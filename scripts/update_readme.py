@@ -30,6 +30,7 @@ BLOCKS = {
     "train_options": ("results/train/options.md", "results/train/options.json"),
     "matched": ("results/eval/smollm2/matched.md", "results/eval/smollm2/matched.json"),
     "analysis": ("results/analysis/smollm2/analysis.md", "results/analysis/smollm2/analysis.json"),
+    "hybrids": ("results/hybrid/smollm2/hybrids.md", "results/hybrid/smollm2/hybrids.json"),
     "tasks": ("results/tasks/gemma3/tasks.md", "results/tasks/gemma3/tasks.json"),
     "tasks_spkv": ("results/tasks/gemma3-spkv/tasks.md", "results/tasks/gemma3-spkv/tasks.json"),
     "core": ("results/core/core_report.md", "results/core/core_report.json"),

@@ -10,6 +10,7 @@ Every row's density is measured on the documents, not taken from the layout.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,9 @@ def compare_hybrids(model_name: str, control: str, spkv_adapter: str, tau: float
     rows = []
     for label, info, build in plan:
         if label not in done:
-            done[label] = {"label": label, **info, **nll_full_sequence(build(), data, label).__dict__}
+            start = time.perf_counter()
+            measured = nll_full_sequence(build(), data, label).__dict__
+            done[label] = {"label": label, **info, **measured, "seconds": time.perf_counter() - start}
         rows.append(done[label])
         if save is not None:
             save(_result(model_name, data, rows))
@@ -99,6 +102,9 @@ def hybrids_markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['label']} | {100 * r['density']:.1f}% | {r['nll']:.4f} | {r['dnll_pct_vs_control']:+.2f}% ± "
                      f"{r['dnll_pct_stderr']:.2f} |")
+    seconds = [r["seconds"] for r in result["rows"] if "seconds" in r]
+    if seconds:
+        lines += ["", f"Measuring took {sum(seconds) / 60:.0f} min in all ({sum(seconds) / len(seconds):.0f} s per row)."]
     return "\n".join(lines) + "\n"
 
 
