@@ -9,6 +9,7 @@ import torch
 
 import spkv
 from spkv.bench import common, decode, prefill
+from spkv.bench.decode_report import decode_markdown
 from spkv.cache import SPKVLayer
 from spkv.cli import main
 from spkv.convert import predictors
@@ -76,6 +77,14 @@ def test_decode_quick_forced_density_and_memory(decode_result):
         assert held["density-25"] < held["static"]
         assert held["window-only"] < held["density-25"]
         assert held["dynamic"] == held["static"]  # the static cache is preallocated for exactly the run
+    # every compressed row against its proportional ideal, from the same run's static and window-only rows
+    step = {(r["cache"], r["context"], r["batch"]): r["step_ms"] for r in _ok_rows(result)}
+    for r in _ok_rows(result):
+        if r["cache"].startswith("density-") or r["cache"] == "spkv-adapter":
+            static, window = step["static", r["context"], r["batch"]], step["window-only", r["context"], r["batch"]]
+            assert r["kv_share"] == r["density"] and r["ideal_ms"] == pytest.approx(window + r["density"] * (static - window))
+        elif r["cache"] in ("static", "dynamic", "window-only"):
+            assert r["ideal_ms"] is None
 
 
 def test_decode_skips_over_memory_budget_and_rejects_unknown_cache():
@@ -163,10 +172,11 @@ def test_decode_times_an_exported_hybrid_against_its_proportional_cost(tmp_path)
     per_layer = rows["static"]["kv_bytes_held"] / (len(layers) * (160 + extra))  # bytes per token per layer
     half = len(layers) // 2  # global layers hold the whole run, sliding ones the window
     assert rows["hybrid-export"]["kv_bytes_held"] == pytest.approx(per_layer * half * (160 + extra + 16))
-    (cost,) = result["hybrid_export_cost"]
-    assert cost["global_share"] == 0.5 and cost["hybrid_export_ms"] == rows["hybrid-export"]["step_ms"]
+    cost = rows["hybrid-export"]
+    assert cost["kv_share"] == 0.5
     assert cost["ideal_ms"] == pytest.approx(rows["window-only"]["step_ms"] + 0.5 * (rows["static"]["step_ms"] - rows["window-only"]["step_ms"]))
-    assert "measured / ideal" in decode.decode_markdown({**result, "provenance": {}})
+    assert cost["measured_over_ideal"] == pytest.approx(cost["step_ms"] / cost["ideal_ms"])
+    assert "measured/ideal" in decode_markdown({**result, "provenance": {}})
     skipped = decode.run_decode(common.settings_from(decode.DecodeSettings, {**given, "hybrid_export": None, "caches": ["hybrid-export"]},
                                                      decode.QUICK_DECODE), progress=False)
-    assert skipped["rows"][0]["status"] == "skipped: no --hybrid-export" and "hybrid_export_cost" not in skipped
+    assert skipped["rows"][0]["status"] == "skipped: no --hybrid-export" and skipped["rows"][0]["ideal_ms"] is None

@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import gc
 import math
-import os
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,15 +48,12 @@ from spkv.bench.common import (
     DTYPES,
     TINY,
     ModelPool,
-    _mib,
-    _num,
     chunked_prefill,
     kv_bytes,
     kv_head_shape,
     model_info,
     synthetic_fill,
 )
-from spkv.bench.hybrid_cost import proportional_cost, proportional_cost_markdown
 from spkv.bench.machine import (
     GIB,
     MIB,
@@ -69,12 +64,12 @@ from spkv.bench.machine import (
     weight_bytes,
     weight_bytes_read,
 )
+from spkv.bench.proportional import add_proportional_cost
 from spkv.budget import predicted_kv_bytes
 from spkv.cache import SPKVCache
 from spkv.compat import CACHE_ARG
 from spkv.policies import RandomPolicy, StreamingLLM
 from spkv.policies.base import ScoringPolicy
-from spkv.results import atomic_write_text, provenance, pyplot, save_figure, write_json
 
 DEFAULT_CACHES = ["dynamic", "static", "spkv-adapter", "density-10", "density-25", "density-50", "window-only"]
 
@@ -166,6 +161,9 @@ class DecodeRow:
     weight_bytes_read: int | None = None
     predicted_ms: float | None = None  # (weight bytes + KV bytes read) / bandwidth
     measured_over_predicted: float | None = None
+    kv_share: float | None = None  # compressed caches: share of out-of-window pairs kept (measured; an export's global share)
+    ideal_ms: float | None = None  # window-only + kv_share x (static - window-only), same run, same context and batch
+    measured_over_ideal: float | None = None
     fill: str = ""  # how the cache was filled: synthetic | model
     fill_s: float | None = None  # seconds of the fill (for information)
     row_peak_rss_delta_mib: float | None = None  # sampled peak RSS during this row - RSS before it
@@ -405,12 +403,12 @@ def _run_decode(s: DecodeSettings, specs: list[CacheSpec], progress: bool) -> di
         rows.append(row)
         gc.collect()
     add_speedups(rows)
-    ideal = proportional_cost(rows, s.hybrid_export) if any(r.cache == "hybrid-export" and r.status == "ok" for r in rows) else None
+    add_proportional_cost(rows, s.hybrid_export)
     return {
         "benchmark": "decode", "settings": asdict(s), "fill": s.fill, "threads": torch.get_num_threads(),
         "model": model_info(base, s.model, s.dtype),
         "bandwidth": bandwidth, "estimate": estimate, "wall_s": time.perf_counter() - run_start,
-        "rows": [asdict(r) for r in rows], **({"hybrid_export_cost": ideal} if ideal is not None else {}),
+        "rows": [asdict(r) for r in rows],
         "notes": [
             f"fill={s.fill}: " + ("caches filled with random K/V of the model's shapes through each cache's own "
                                   "update/eviction, without running the model (spkv-adapter rows: model fill); "
@@ -423,73 +421,3 @@ def _run_decode(s: DecodeSettings, specs: list[CacheSpec], progress: bool) -> di
             "Rows with beyond_model_positions=true run past the model's trained positions: speed only.",
         ],
     }
-
-
-def decode_markdown(result: dict[str, Any]) -> str:
-    m, bw = result["model"], result["bandwidth"]
-    lines = [
-        f"# Decode benchmark: {m['name']} ({m['dtype']}), {result['settings'].get('fill', 'model')} fill", "",
-        f"Bandwidth (copy of {bw['copy_mib']} MiB): {bw['bytes_per_s'] / GIB:.2f} GiB/s; "
-        f"weight bytes read per step: {m['weight_bytes_read_per_step'] / MIB:.1f} MiB; "
-        f"window {result['settings']['window']}; torch threads {result['threads']}; command: `{result.get('provenance', {}).get('command', '')}`", "",
-        *([f"Run time {_duration(result['wall_s'])} (estimated beforehand ~{_duration(result['estimate']['total_s'])})", ""]
-          if "wall_s" in result and "estimate" in result else []),
-        "| cache | context | batch | fill | fill s | step ms | tok/s | vs static | vs dynamic | KV held MiB | KV read MiB "
-        "| density | predicted ms | measured/predicted | row peak RSS +MiB | peak RSS so far MiB | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['cache']} | {r['context']} | {r['batch']} | {r.get('fill', '')} | {_num(r.get('fill_s'))} "
-            f"| {_num(r['step_ms'])} | {_num(r['tokens_per_s'], '.1f')} "
-            f"| {_num(r['speedup_vs_static'])} | {_num(r['speedup_vs_dynamic'])} | {_mib(r['kv_bytes_held'])} "
-            f"| {_mib(r['kv_bytes_read'])} | {_num(r['density'], '.3f')} | {_num(r['predicted_ms'])} "
-            f"| {_num(r['measured_over_predicted'])} | {_num(r['row_peak_rss_delta_mib'], '.0f')} "
-            f"| {_num(r['rss_peak_so_far_mib'], '.0f')} | {r['status']}{' (beyond model positions)' if r['beyond_model_positions'] else ''} |"
-        )
-    lines += ["", *(f"- {n}" for n in result["notes"]), ""]
-    if result.get("hybrid_export_cost"):
-        lines += [proportional_cost_markdown(result["hybrid_export_cost"])]
-    return "\n".join(lines)
-
-
-def plot_decode(result: dict[str, Any], out: Path) -> list[Path]:
-    """decode.png (step time vs context) and decode_memory.png (KV bytes held vs context), log-log,
-    one line per cache and one panel per batch size."""
-    plt = pyplot()
-    rows = [r for r in result["rows"] if r["status"] == "ok"]
-    batches = result["settings"]["batch_sizes"]
-    paths = []
-    for key, ylabel, name, scale in (("step_ms", "decode step (ms)", "decode.png", 1.0),
-                                     ("kv_bytes_held", "KV bytes held (MiB)", "decode_memory.png", 1 / MIB)):
-        fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.2), squeeze=False)
-        for ax, batch in zip(axes[0], batches):
-            for i, cache in enumerate(result["settings"]["caches"]):
-                pts = sorted((r["context"], r[key] * scale) for r in rows if r["cache"] == cache and r["batch"] == batch)
-                if pts:  # line styles tell apart caches whose points coincide (dynamic and static bytes)
-                    ax.plot(*zip(*pts), marker="os^vD<>"[i % 7], linestyle=("-", "--", ":", "-.")[i % 4], label=cache)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("context (tokens)")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{result['model']['name']}, batch {batch}")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / name
-        save_figure(fig, path)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def write_decode(result: dict[str, Any], out: str | os.PathLike) -> dict[str, Path]:
-    """decode.json (with provenance), decode.md, decode.png and decode_memory.png under `out`."""
-    out = Path(out)
-    result = {**result, "provenance": result.get("provenance") or provenance()}
-    json_path = write_json(out / "decode.json", result)
-    md_path = atomic_write_text(out / "decode.md", decode_markdown(result))
-    png, mem_png = plot_decode(result, out)
-    return {"json": json_path, "md": md_path, "png": png, "memory_png": mem_png}
-
-

@@ -8,10 +8,11 @@ import argparse
 def cmd_bench_decode(args: argparse.Namespace) -> None:
     from spkv.bench import decode
     from spkv.bench.common import iter_summary, settings_from
+    from spkv.bench.decode_report import write_decode
 
     settings = settings_from(decode.DecodeSettings, vars(args), decode.QUICK_DECODE if args.quick else None)
     result = decode.run_decode(settings)
-    paths = decode.write_decode(result, settings.out)
+    paths = write_decode(result, settings.out)
     print("\n".join(iter_summary(result)))
     print(f"bandwidth {result['bandwidth']['bytes_per_s'] / 2**30:.2f} GiB/s; wrote " + ", ".join(str(p) for p in paths.values()))
 
