@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 18 on SmolLM2-135M: the dense probe, layouts of every design at KV budgets 0.3 (the shipped
-# SP-KV adapter's 29.6% density), 0.15 and 0.5 (random-head: 3 seeds at 0.3), and the equal-memory
+# Issue 18 on SmolLM2-135M: the dense probe, layouts of every design at KV budget 0.3 (the shipped
+# SP-KV adapter's 29.6% density; random-head: 3 seeds), learned-head and interleave also at 0.15 and
+# 0.5 (DESIGNS_MORE changes which designs get the extra budgets), and the equal-memory
 # comparison on 16 held-out documents at 2k: dense control, SP-KV at tau 0.5, each layout post-hoc on
 # the control's weights, and each trained hybrid in adapters/hybrids/ (scripts/train_hybrids_smollm2.sh).
 # Resumable (an interrupted comparison keeps its rows). Needs `spkv data`. THREADS sets torch threads.
@@ -12,7 +13,9 @@ mkdir -p $layouts
 [ -f $out/probe.json ] || .venv/bin/spkv hybrid probe --model smollm2-135m --window 128 --seq-len 2048 --sequences 8 --out $out/probe.json
 files=()
 for budget in 0.3 0.15 0.5; do
-  for design in learned-head learned-layer probe-head probe-layer interleave; do
+  designs="learned-head learned-layer probe-head probe-layer interleave"
+  [ $budget = 0.3 ] || designs=${DESIGNS_MORE:-learned-head interleave}
+  for design in $designs; do
     scores=results/analysis/smollm2/analysis.json
     [[ $design == probe-* ]] && scores=$out/probe.json
     f=$layouts/$design-$budget.json
