@@ -38,9 +38,14 @@ class SPKVLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, layer_idx: int, window: int, policy: ScoringPolicy, sinks: int,
-                 shares: torch.Tensor | None = None, exit_every: int = 1) -> None:
+                 shares: torch.Tensor | None = None, exit_every: int = 1, exit_batch: int = 1) -> None:
         super().__init__()
         self.layer_idx, self.window, self.policy, self.sinks = layer_idx, window, policy, sinks
+        # Decode takes window exits every `exit_batch` steps (one host transfer then, none between):
+        # pairs past the window wait in the ring, shown or hidden by the same rule, so it is exact.
+        # Only write-time policies without a budget can wait: the others decide on exit.
+        batchable = not (policy.needs_attention or policy.needs_queries or shares is not None)
+        self.exit_batch = exit_batch if batchable else 1
         # Eviction under budget (LKV, or any write-time policy with a budget): [Hkv] each head's share
         # of the pairs that left its window; every `exit_every` exits a head over it drops its worst.
         self.shares, self.exit_every = shares, exit_every
@@ -57,7 +62,7 @@ class SPKVLayer(CacheLayerMixin):
         b, hkv, _, d = key_states.shape
         self.batch_size, self.num_kv_heads, self.head_dim = b, hkv, d
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.recent = Window(b, hkv, d, self.dtype, self.device, self.window)
+        self.recent = Window(b, hkv, d, self.dtype, self.device, self.window, slack=self.exit_batch - 1)
         self.store = PagedStore(b * hkv, d, self.dtype, self.device, page_size(self.window))
         self.valid_seen = torch.zeros(b, dtype=torch.long, device=self.device)
         self.decided = torch.zeros(b, hkv, dtype=torch.long)  # out-of-window, non-sink, real pairs
@@ -99,7 +104,7 @@ class SPKVLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.layer_idx, self.window, self.policy, self.sinks, self.shares, self.exit_every)
+        self.__init__(self.layer_idx, self.window, self.policy, self.sinks, self.shares, self.exit_every, self.exit_batch)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: sequence b continues old sequence beam_idx[b] (window, store and counters)."""
@@ -174,7 +179,7 @@ class SPKVLayer(CacheLayerMixin):
         the stored pairs, then the window's real pairs (what the cache physically holds and shows)."""
         recent, live = self.recent, self.recent.live_slots()
         pos, valid = recent.pos[live], recent.valid[bi, live]
-        past = self.seen - pos >= self.window  # exits deferred by activate_past_recording: the rule decides
+        past = self.seen - pos >= self.window  # exits deferred (batched, or until crop): the rule decides
         keep = self._keep(recent.score[bi : bi + 1, hi : hi + 1, live], recent.sink[bi : bi + 1, live])[0, 0]
         window = pos[valid & (~past | keep)]
         return torch.cat([self.store.positions(bi * self.num_kv_heads + hi).cpu(), window.cpu()])
@@ -210,9 +215,14 @@ class SPKVLayer(CacheLayerMixin):
         out, probs = attend(q, bias, scaling, want_probs)
         if want_probs or self.policy.needs_queries:
             self._observe(q, probs, scaling)
-        if not self.record_past:
+        if not self.record_past and (n > 1 or self._exits_up_to(self.seen - self.window) >= self.exit_batch):
             self._evict(self.seen - self.window)
         return out.view(b, h, n, d).transpose(1, 2)
+
+    def take_exits(self) -> None:
+        """Decide now the pairs whose batched exit is still waiting (before reading counts or bytes)."""
+        if self.is_initialized and not self.record_past:
+            self._evict(self.seen - self.window)
 
     def _attend_budgeted(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
         """A prefill chunk under a budget, exact: split where some sequence cuts its heads back (after
@@ -356,6 +366,9 @@ class SPKVLayer(CacheLayerMixin):
         return self.recent.nbytes() + self.store.capacity_pairs() * per, self.recent.nbytes() + self.store.stored_pairs() * per
 
 
+EXIT_BATCH = 16  # decode steps between window exits (SPKVCache's exit_batch)
+
+
 class SPKVCache(Cache):
     """transformers Cache for a converted model: SPKVLayer for gated layers, the usual layers elsewhere.
 
@@ -364,16 +377,21 @@ class SPKVCache(Cache):
     (default: the config's). budget: evict under a budget instead of admitting by threshold: each head
     keeps at most share x the pairs that have left its window, its lowest-scored pairs evicted; an
     LKV model uses its learned shares at this r (default: its own), any other model with a
-    write-time policy the uniform share r (every head the same).
+    write-time policy the uniform share r (every head the same). exit_batch: decode moves pairs out
+    of the window every this many steps, not every step (exact: a waiting pair is shown or hidden by
+    the same rule), so the steps between need no host transfer; write-time policies without a
+    budget only, the others exit every step.
     """
 
     def __init__(self, model: torch.nn.Module, policy: ScoringPolicy | None = None, sinks: int | None = None,
-                 budget: float | None = None) -> None:
+                 budget: float | None = None, exit_batch: int = EXIT_BATCH) -> None:
         config = getattr(model, "spkv_config", None)
         if not isinstance(config, SPKVConfig):
             raise ValueError("SPKVCache needs a model converted with spkv.convert() (or spkv.load_adapter()).")
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0):
             raise ValueError(f"budget must be a number in (0, 1] (the fraction of out-of-window pairs kept), got {budget!r}")
+        if isinstance(exit_batch, bool) or not isinstance(exit_batch, int) or exit_batch < 1:
+            raise ValueError(f"exit_batch must be an integer >= 1 (decode steps between window exits), got {exit_batch!r}")
         lkv = config.lkv
         self.policy = policy if policy is not None else LKVPolicy() if lkv is not None else SPKVPolicy()
         if lkv is None and isinstance(self.policy, LKVPolicy):
@@ -393,7 +411,7 @@ class SPKVCache(Cache):
         self.sinks = config.sinks if sinks is None else sinks
         text_config = model.config.get_text_config(decoder=True)
         layers = [
-            SPKVLayer(i, config.window, self.policy, self.sinks, None if shares is None else shares[i], every)
+            SPKVLayer(i, config.window, self.policy, self.sinks, None if shares is None else shares[i], every, exit_batch)
             if i in config.layers else make()
             for i, make in enumerate(default_layers(text_config))
         ]

@@ -56,6 +56,7 @@ def cache_stats(cache: SPKVCache) -> CacheStats:
         raise ValueError("This SP-KV cache is empty: run a forward pass with it first.")
     held = used = full = 0
     for layer in layers:
+        layer.take_exits()  # batched exits still waiting are decided now (the same decisions, made early)
         h, u = layer.nbytes()
         held, used = held + h, used + u
         full += layer.seen * layer.batch_size * layer.num_kv_heads * layer.bytes_per_pair

@@ -3,8 +3,9 @@
 Pairs enter and leave the window in position order, at the same time for every sequence and head,
 so one ring of slots serves them all: [B, Hkv, capacity, D] plus per-slot metadata. A decode step
 writes its pair into the slot the oldest pair just left; nothing else is copied (appending with
-torch.cat copied the whole window every step). In steady decoding capacity == window. A prefill
-chunk of n tokens grows it to window - 1 + n until the chunk's eviction, and it then shrinks back.
+torch.cat copied the whole window every step). In steady decoding capacity == window + slack, the
+slack holding pairs past the window whose exit is batched (SPKVCache's exit_batch). A prefill chunk
+of n tokens grows it to window - 1 + n until the chunk's eviction, and it then shrinks back.
 Free slots are marked invalid (the attention bias hides them) and hold finite values.
 """
 
@@ -16,8 +17,9 @@ import torch
 class Window:
     """Ring of pairs; logical index 0 is the oldest pair (physical slot `start`)."""
 
-    def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, window: int) -> None:
-        self.window = window
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, window: int,
+                 slack: int = 0) -> None:
+        self.window, self.floor = window, window + slack  # slack: slots for pairs whose exit is batched
         self.capacity = self.start = self.size = 0
         self.k = torch.zeros(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)  # [B, Hkv, C, D]
         self.v = torch.zeros_like(self.k)
@@ -62,7 +64,7 @@ class Window:
         """keys, values [B, Hkv, n, D]; score [B, Hkv, n]; valid, sink [B, n]; positions first_pos.."""
         n = keys.shape[2]
         if self.size + n > self.capacity:
-            self._resize(max(self.window, self.size + n))
+            self._resize(max(self.floor, self.size + n))
         pos = torch.arange(first_pos, first_pos + n, device=self.pos.device)
         for dst, src in self._spans(self.size, n):
             for t, new in zip(self._tensors(), (keys, values, score, pos, valid, sink)):
@@ -82,12 +84,12 @@ class Window:
                 for t in self._tensors()]
 
     def drop(self, m: int) -> None:
-        """Free the m oldest slots; shrink back to `window` slots after a prefill chunk."""
+        """Free the m oldest slots; shrink back to window + slack slots after a prefill chunk."""
         for src, _ in self._spans(0, m):
             self.valid[:, src] = False
         self.start, self.size = (self.start + m) % self.capacity, self.size - m
-        if self.capacity > max(self.window, self.size):
-            self._resize(max(self.window, self.size))
+        if self.capacity > max(self.floor, self.size):
+            self._resize(max(self.floor, self.size))
 
     def drop_newest(self, k: int) -> torch.Tensor:
         """Forget the k newest pairs (a rejected draft); returns their valid flags [B, k]."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import spkv
-from spkv.cache import SPKVLayer
+from spkv.cache import EXIT_BATCH, SPKVLayer
 from spkv.compat import CACHE_ARG, cache_argument, cache_kwarg, output_cache
 from spkv.policies import (
     H2O,
@@ -64,6 +64,7 @@ def test_sinks_are_kept_and_not_counted():
     # Row 1 starts with 5 pads: its first two real tokens (positions 5, 6) are sinks, always stored.
     # After 30 tokens the next query's window is positions 27..30, so 0..26 have left it.
     decided_real = (30 - 4 + 1) - 5 - 2  # minus the pads, minus the sinks
+    layer.take_exits()  # decode batches its window exits: decide the waiting ones before counting
     assert int(layer.decided[1].max()) == decided_real
     assert int(layer.store_lengths()[1].min()) >= 2
 
@@ -123,10 +124,11 @@ def test_threshold_one_leaves_only_the_window():
     assert stats.kept.sum() == 0 and stats.decided.sum() == 2 * 2 * (4096 - window + 1)
     for layer in cache.spkv_layers():
         assert layer.recent.size == window - 1  # the next query brings the window to `window`
-        assert layer.recent.capacity == window  # the ring it decodes in, with no copy per step
+        # the ring it decodes in with no copy per step: the window and the slots of batched exits
+        assert layer.recent.capacity == window + layer.exit_batch - 1 and layer.exit_batch == EXIT_BATCH
         assert layer.store.stored_pairs() == 0 and layer.store.capacity_pairs() == 0
     bytes_per_pair = 2 * 8 * 4 * 2  # kv heads x head_dim x fp32 x (k, v), per layer
-    assert stats.bytes_held == 2 * window * bytes_per_pair
+    assert stats.bytes_held == 2 * (window + EXIT_BATCH - 1) * bytes_per_pair
 
 
 class PeakRecorder(SPKVLayer):
@@ -255,3 +257,67 @@ def test_attention_policies_match_a_brute_force_simulation(policy_cls):
 def test_every_registered_policy_is_covered():
     # expected_attention and kvzap are covered through the cache in tests/test_matched.py, lkv in tests/test_lkv.py
     assert set(POLICIES) == {"spkv", "keep_all", "streaming", "h2o", "tova", "key_norm", "random", "expected_attention", "kvzap", "lkv"}
+
+
+@pytest.mark.parametrize("policy", [None, "random"])
+def test_batched_window_exits_are_exact_and_need_no_host_transfer_between_exits(policy, monkeypatch):
+    """Decode takes window exits every exit_batch steps: the logits and the final cache equal exiting
+    every step, and a step between exits moves nothing to the host (counted, not timed)."""
+    from spkv.policies import POLICIES
+
+    model = tiny_model("llama")
+    spkv.convert(model, spkv.SPKVConfig(window=6, threshold=0.5))
+    randomize_gates(model, seed=3)
+    ids, mask = batch(batch_size=2, length=60, left_pad=4)
+
+    def run(exit_batch):
+        chosen = POLICIES[policy](threshold=0.5, seed=0) if policy else None  # a write-time policy (seeded)
+        cache = spkv.SPKVCache(model, policy=chosen, exit_batch=exit_batch)
+        with torch.no_grad():
+            out = [model(input_ids=ids[:, :12], attention_mask=mask[:, :12], **cache_kwarg(cache)).logits]
+            out += [model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], **cache_kwarg(cache)).logits
+                    for t in range(12, ids.shape[1])]
+        return torch.cat(out, 1), cache
+
+    every, one = run(1)
+    batched, cache = run(5)
+    assert_close_on_real_tokens(batched, every, mask, tol=1e-5)
+    a, b = spkv.cache_stats(one), spkv.cache_stats(cache)
+    assert torch.equal(a.kept, b.kept) and torch.equal(a.decided, b.decided) and 0 < a.density < 1
+    for x, y in zip(one.spkv_layers(), cache.spkv_layers()):
+        assert torch.equal(x.store_lengths(), y.store_lengths())
+        assert all(torch.equal(x.kept_positions(bi, hi), y.kept_positions(bi, hi)) for bi in range(2) for hi in range(2))
+
+    # count host transfers inside the gated layers' decode calls: one per exit batch, none between
+    transfers, inside = [], [False]
+    for name in ("cpu", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            if inside[0]:
+                transfers.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    original_attend = SPKVLayer.attend
+
+    def attend(self, query, scaling):
+        inside[0] = True
+        try:
+            return original_attend(self, query, scaling)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(SPKVLayer, "attend", attend)
+    per_step = []
+    with torch.no_grad():
+        for _ in range(10):
+            before = len(transfers)
+            model(input_ids=ids[:, -1:], **cache_kwarg(cache))
+            per_step.append(len(transfers) - before)
+    exits = [s for s in per_step if s]
+    assert 1 <= len(exits) <= 3 and per_step.count(0) >= 6, per_step  # 10 steps, an exit every 5
+    with pytest.raises(ValueError, match="exit_batch"):
+        spkv.SPKVCache(model, exit_batch=0)
+    h2o = spkv.SPKVCache(model, policy=POLICIES["h2o"](), exit_batch=5)  # decides on exit: cannot wait
+    assert {layer.exit_batch for layer in h2o.spkv_layers()} == {1}
