@@ -230,6 +230,17 @@ def test_compare_at_equal_memory_measures_every_row_and_resumes(tiny_pretrained,
     again = json.loads((out / "hybrids.json").read_text())["rows"]
     assert again[1]["nll"] == result["rows"][1]["nll"] + 1.0 and again[2]["nll"] == posthoc["nll"]
     assert not (out / "hybrids.partial.json").exists()
+    # a finished run only adds rows; a row made with other weights (another --control) is measured again
+    import shutil
+
+    copy = shutil.copytree(control, tmp_path / "control-copy")
+    final = json.loads((out / "hybrids.json").read_text())
+    final["rows"][0]["nll"] += 1.0  # would survive if the control row were kept
+    (out / "hybrids.json").write_text(json.dumps(final))
+    main([*argv[:5], str(copy), *argv[6:]])
+    third = json.loads((out / "hybrids.json").read_text())["rows"]
+    assert third[0]["adapter"] == str(copy) and third[0]["nll"] == pytest.approx(control_row["nll"], abs=1e-6)
+    assert third[1]["nll"] == again[1]["nll"]  # the SP-KV row (same adapter, same tau) was kept
     other = hybrid.design([[0.5, 0.5]] * 2, [0, 1], 0.5, "learned-layer", model="another-model", window=4)
     (tmp_path / "other.json").write_text(other.to_json())
     with pytest.raises(SystemExit, match="designed for 'another-model'"):

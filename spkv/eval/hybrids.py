@@ -41,8 +41,9 @@ def compare_hybrids(model_name: str, control: str, spkv_adapter: str, tau: float
                     data: HeldoutSet, done: dict[str, dict[str, Any]] | None = None,
                     save: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
     """Rows for the control, SP-KV at tau, each layout file on the control's weights (post-hoc) and each
-    trained hybrid adapter. `done` rows (by label) are kept, not run again; `save` gets the partial
-    result after every row, so an interrupted comparison resumes where it stopped."""
+    trained hybrid adapter. `done` rows (by label, from an earlier run on the same documents) are kept
+    when they were made with the same adapter, layout and tau; `save` gets the partial result after
+    every row, so an interrupted comparison resumes where it stopped and a finished one only adds rows."""
     import spkv
     from spkv.models import load_model
 
@@ -71,7 +72,8 @@ def compare_hybrids(model_name: str, control: str, spkv_adapter: str, tau: float
 
     rows = []
     for label, info, build in plan:
-        if label not in done:
+        earlier = done.get(label)
+        if earlier is None or any(earlier.get(k) != v for k, v in info.items()):  # a row of other weights or layout: again
             start = time.perf_counter()
             measured = nll_full_sequence(build(), data, label).__dict__
             done[label] = {"label": label, **info, **measured, "seconds": time.perf_counter() - start}
