@@ -1,5 +1,6 @@
-"""Which cache a method decodes with: `dense` (keep every pair), `spkv` (the model's predictor) or a
-scoring policy by name (spkv.policies). The one mapping the evaluations and benchmarks share."""
+"""Which cache a method decodes with: `dense` (keep every pair), `spkv` (the model's predictor),
+`lkv` (an LKV model's learned budgets and scorer) or a scoring policy by name (spkv.policies). The
+one mapping the evaluations and benchmarks share."""
 
 
 from __future__ import annotations
@@ -15,15 +16,18 @@ from spkv.cache import SPKVCache
 
 @dataclass
 class Method:
-    """`dense` (keep every pair), `spkv` (the model's predictor) or a policy name from spkv.policies."""
+    """`dense` (keep every pair), `spkv` (the model's predictor), `lkv` (an LKV model) or a policy name
+    from spkv.policies."""
 
     name: str
-    threshold: float | None = None  # None: spkv follows the model's tau; policies their default
+    threshold: float | None = None  # None: spkv follows the model's tau; policies their default; lkv: its budget r
     sinks: int | None = None  # None: spkv the model's (0), policies 4, dense 0
 
     @property
     def label(self) -> str:
-        return self.name if self.threshold is None else f"{self.name} (tau={self.threshold:g})"
+        if self.threshold is None:
+            return self.name
+        return f"{self.name} ({'r' if self.name == 'lkv' else 'tau'}={self.threshold:g})"
 
 
 def cache_factory(model: torch.nn.Module, method: Method) -> Callable[[], Cache | None]:
@@ -37,6 +41,14 @@ def cache_factory(model: torch.nn.Module, method: Method) -> Callable[[], Cache 
         return lambda: None
     if method.name == "dense":
         return lambda: SPKVCache(model, policy=KeepAll(), sinks=method.sinks or 0)
+    is_lkv = model.spkv_config.lkv is not None
+    if method.name == "lkv" or (is_lkv and method.name == "spkv"):
+        if not is_lkv:
+            raise ValueError("Method 'lkv' needs an LKV model (an adapter of spkv train --method lkv).")
+        if method.name == "spkv":
+            raise ValueError("This is an LKV model: it has no threshold. Use method 'lkv' (its learned budgets; a number "
+                             "given for it is the budget r).")
+        return lambda: SPKVCache(model, budget=method.threshold, sinks=method.sinks)
     if method.name == "spkv":
         return lambda: SPKVCache(model, policy=SPKVPolicy(threshold=method.threshold), sinks=method.sinks)
     if method.name not in POLICIES:

@@ -292,3 +292,22 @@ def test_lkv_trains_end_to_end_with_a_frozen_llm_and_its_adapter_reproduces_it(t
         full = fresh(input_ids=ids, use_cache=False).logits
         decoded, _ = _chunked(fresh, ids, [20] + [1] * 20)
     assert torch.allclose(full, decoded, atol=1e-4)
+
+
+def test_the_evaluations_decode_an_lkv_model_as_method_lkv():
+    """spkv.methods (eval tasks and the benchmarks): 'lkv' decodes with the learned budgets at r (the
+    model's own by default), 'spkv' on an LKV model and 'lkv' on an SP-KV model are errors."""
+    from spkv.methods import Method, cache_factory
+
+    model = _lkv_model()
+    own, at_half = cache_factory(model, Method("lkv"))(), cache_factory(model, Method("lkv", 0.5))()
+    for cache, r in ((own, model.spkv_config.lkv.budget), (at_half, 0.5)):
+        shares = torch.stack([layer.shares for layer in cache.spkv_layers()])
+        assert isinstance(cache.policy, LKVPolicy) and float(shares.mean()) == pytest.approx(r, abs=1e-5)
+    assert Method("lkv", 0.5).label == "lkv (r=0.5)"
+    with pytest.raises(ValueError, match="Use method 'lkv'"):
+        cache_factory(model, Method("spkv"))
+    sp = tiny_model("llama")
+    spkv.convert(sp, SPKVConfig(window=8))
+    with pytest.raises(ValueError, match="needs an LKV model"):
+        cache_factory(sp, Method("lkv"))

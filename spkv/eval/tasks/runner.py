@@ -172,7 +172,7 @@ def parse_methods(names: list[str], thresholds: list[str] | None = None, calibra
     if unknown:
         raise ValueError(f"--threshold given for {', '.join(unknown)}, which is not in --methods")
     for n in names:
-        if n not in taus and n not in ("dense", "spkv", "streaming") and not calibrated:
+        if n not in taus and n not in ("dense", "spkv", "lkv", "streaming") and not calibrated:
             warnings.warn(f"{n} runs at its class default threshold, which sets its density arbitrarily: give "
                           f"--threshold {n}=VALUE or --match-density D", stacklevel=2)
     return [Method(n, taus.get(n)) for n in names]
