@@ -145,8 +145,8 @@ def probe_attention(model: nn.Module, sequences: torch.Tensor, window: int) -> t
     text_config = model.config.get_text_config(decoder=True)
     gated, kv_heads = full_attention_layers(text_config), text_config.num_key_value_heads
     sums = torch.zeros(len(gated), kv_heads, dtype=torch.float64)
-
-    rows = {id(attention_module(layer)): r for r, layer in enumerate(_decoder_layers(model)[i] for i in gated)}
+    modules = [attention_module(_decoder_layers(model)[i]) for i in gated]
+    rows = {id(m): r for r, m in enumerate(modules)}
 
     def accumulate(module: nn.Module, weights: torch.Tensor) -> None:  # weights [B, H, T, T]
         b, h, t, _ = weights.shape
@@ -155,7 +155,6 @@ def probe_attention(model: nn.Module, sequences: torch.Tensor, window: int) -> t
         mass = weights.float().masked_fill(~far, 0.0).sum(-1)[:, :, window:].mean(-1)  # [B, H]
         sums[rows[id(module)]] += mass.view(b, kv_heads, h // kv_heads).mean(2).sum(0).double().cpu()
 
-    modules = [attention_module(_decoder_layers(model)[i]) for i in gated]
     with torch.no_grad(), attention_probabilities(model, modules, accumulate):
         for row in tqdm(sequences, desc="probe", unit="seq", leave=False):
             model(input_ids=row.unsqueeze(0), use_cache=False)
