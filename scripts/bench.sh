@@ -6,6 +6,9 @@
 # decode: 17.8 min on the 2-core CPU of results/bench/decode.json (its `wall_s`); its spkv-adapter
 # rows use the shipped adapter, adapters/smollm2-135m-spkv. Give the benchmarks the machine: other
 # CPU-bound jobs distort every row. THREADS sets torch threads (default: torch's, as recorded).
+# hybrid: issue 18's exported per-layer hybrid (learned-layer at budget 0.3 on the dense control's
+# weights, exported to runs/export/) against static, window-only and SP-KV at the same KV share, at
+# 8k-32k x batch 8, into results/bench/hybrid/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
@@ -18,9 +21,16 @@ for part in ${PARTS:-decode prefill train}; do
       .venv/bin/spkv bench prefill --model smollm2-135m --contexts 2048 8192 --batch-sizes 1 --prefill-chunk 1024 --repeats 2 ;;
     train)
       .venv/bin/spkv bench train --model smollm2-135m --seq-len 2048 --steps 3 --warmup 1 ;;
+    hybrid)
+      [ -f runs/export/smollm2-learned-layer-0.3/config.json ] || .venv/bin/spkv hybrid export --model smollm2-135m \
+          --adapter adapters/smollm2-135m-control --layout results/hybrid/smollm2/layouts/learned-layer-0.3.json \
+          --out runs/export/smollm2-learned-layer-0.3
+      .venv/bin/spkv bench decode --model smollm2-135m --caches static window-only hybrid-export density-30 \
+          --hybrid-export runs/export/smollm2-learned-layer-0.3 --contexts 8192 16384 32768 --batch-sizes 8 \
+          --steps 8 --repeats 2 --warmup 2 --out results/bench/hybrid ;;
     profile)
       .venv/bin/python scripts/profile_decode.py --contexts 8192 --steps 6 --threads 1 --name decode_profile ;;
     *)
-      echo "bench.sh: unknown part '$part' (decode, prefill, train, profile)" >&2; exit 2 ;;
+      echo "bench.sh: unknown part '$part' (decode, prefill, train, hybrid, profile)" >&2; exit 2 ;;
   esac
 done
