@@ -81,3 +81,24 @@ def test_eval_nll_sweep(tiny_pretrained, tmp_path):
     assert base_row["nll_per_sequence"] == pytest.approx(direct.nll_per_sequence, abs=1e-6)
     table = (out / "nll_sweep.md").read_text()
     assert "| base model |  |" in table and "| SP-KV | 0.3 |" in table and "| SP-KV | 0.7 |" in table
+
+
+def test_generate_runs_a_hybrid_layout(tiny_pretrained, tmp_path):
+    """--hybrid-layout (every command with the model arguments): the cache holds exactly the layout,
+    global units everything past the window, local ones nothing."""
+    from spkv import hybrid
+
+    model_dir = tiny_pretrained("model", words=WORDS)
+    layout = hybrid.design([[0.9, 0.1], [0.2, 0.3]], [0, 1], 0.5, "learned-head", model=str(model_dir), window=8)
+    path = tmp_path / "layout.json"
+    path.write_text(layout.to_json())
+    prompt = " ".join(f"w{(7 * i) % WORDS}" for i in range(60))
+    out_json = tmp_path / "report.json"
+    main(["generate", "--model", str(model_dir), "--hybrid-layout", str(path), "--prompt", prompt, "--max-new-tokens", "4",
+          "--json", str(out_json)])
+    cache = json.loads(out_json.read_text())["cache"]
+    assert cache["density"] == 0.5 and cache["density_per_layer_head"] == [[1.0, 0.0], [0.0, 1.0]]
+    with pytest.raises(SystemExit, match="not both"):
+        main(["generate", "--model", str(model_dir), "--hybrid-layout", str(path), "--threshold", "0.5", "--prompt", prompt])
+    with pytest.raises(SystemExit, match="designed for"):
+        main(["generate", "--model", str(tiny_pretrained("other", words=WORDS)), "--hybrid-layout", str(path), "--prompt", prompt])

@@ -13,6 +13,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="alias (smollm2-135m, gemma3-270m), local path or HF id")
     p.add_argument("--adapter", help="SP-KV adapter folder (from spkv train / save_adapter)")
     p.add_argument("--threshold", type=float, help="tau in [0, 1]: keep a pair leaving the window iff u >= tau")
+    p.add_argument("--hybrid-layout", help="run the hybrid of this layout JSON (spkv hybrid design) on the model's weights "
+                   "(with --adapter: the adapter's, e.g. the dense control)")
 
 
 def load_model_args(args: argparse.Namespace):
@@ -20,6 +22,18 @@ def load_model_args(args: argparse.Namespace):
     from spkv.models import load_model
 
     model, tokenizer = load_model(args.model)
+    layout = getattr(args, "hybrid_layout", None)
+    if layout:
+        from spkv import hybrid
+
+        if args.threshold is not None:
+            raise ValueError("A hybrid has no threshold: give --hybrid-layout or --threshold, not both.")
+        design = hybrid.HybridLayout.load(layout)
+        if design.model and design.model != args.model:
+            raise ValueError(f"The layout {layout} was designed for {design.model!r}, not {args.model!r}.")
+        if args.adapter:
+            spkv.load_adapter(model, args.adapter)
+        return hybrid.apply_layout(model, design), tokenizer
     if args.adapter:
         spkv.load_adapter(model, args.adapter)
     else:
