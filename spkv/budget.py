@@ -67,10 +67,11 @@ def density_at(us: list[torch.Tensor], tau: float) -> tuple[float, float]:
 
 
 def predicted_kv_bytes(config: Any, context: int, batch_size: int, element_size: int, gated: Iterable[int] = (),
-                       window: int = 0, kept_share: float = 1.0) -> int:
+                       window: int = 0, kept_share: float = 1.0, slack: int = 0) -> int:
     """KV bytes a cache holds after `context` tokens: full-attention layers every pair, sliding ones
-    at most their window, gated (SP-KV) layers their window plus `kept_share` of the pairs that left
-    it. With no gated layers, what a full cache holds. The one KV-size formula (the benchmarks use it)."""
+    at most their window, gated (SP-KV) layers their window, its `slack` spare slots (the pairs of
+    batched window exits, SPKVCache's exit_batch - 1) and `kept_share` of the pairs that left it.
+    With no gated layers, what a full cache holds. The one KV-size formula (the benchmarks use it)."""
     text = config.get_text_config(decoder=True)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     per_pair = 2 * batch_size * text.num_key_value_heads * head_dim * element_size
@@ -80,7 +81,7 @@ def predicted_kv_bytes(config: Any, context: int, batch_size: int, element_size:
     pairs = 0.0
     for i, kind in enumerate(types):
         if i in gated:
-            pairs += min(window, context) + kept_share * max(0, context - window)
+            pairs += min(window, context) + slack + kept_share * max(0, context - window)
         else:
             pairs += context if kind == "full_attention" else min(context, sliding)
     return int(pairs * per_pair)
@@ -88,10 +89,12 @@ def predicted_kv_bytes(config: Any, context: int, batch_size: int, element_size:
 
 def model_kv_bytes(model: torch.nn.Module, context: int, batch_size: int, kept_share: float) -> tuple[int, int]:
     """(predicted, full) KV bytes of a converted model at `context` x `batch_size`, keeping
-    `kept_share` of the out-of-window pairs of its gated layers."""
+    `kept_share` of the out-of-window pairs of its gated layers (with the default SPKVCache's ring)."""
+    from spkv.cache import EXIT_BATCH
+
     element = next(model.parameters()).element_size()
     cfg = model.spkv_config
-    return (predicted_kv_bytes(model.config, context, batch_size, element, cfg.layers, cfg.window, kept_share),
+    return (predicted_kv_bytes(model.config, context, batch_size, element, cfg.layers, cfg.window, kept_share, EXIT_BATCH - 1),
             predicted_kv_bytes(model.config, context, batch_size, element))
 
 

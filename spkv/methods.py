@@ -39,9 +39,10 @@ def cache_factory(model: torch.nn.Module, method: Method) -> Callable[[], Cache 
         if method.name != "dense":
             raise ValueError(f"Method {method.name!r} needs an SP-KV model (spkv.convert or spkv.load_adapter).")
         return lambda: None
-    if method.name == "dense":
-        return lambda: SPKVCache(model, policy=KeepAll(), sinks=method.sinks or 0)
     is_lkv = model.spkv_config.lkv is not None
+    if method.name == "dense":  # an LKV model's cache evicts under a budget: at r = 1 every head keeps all
+        budget = 1.0 if is_lkv else None
+        return lambda: SPKVCache(model, policy=KeepAll(), sinks=method.sinks or 0, budget=budget)
     if method.name == "lkv" or (is_lkv and method.name == "spkv"):
         if not is_lkv:
             raise ValueError("Method 'lkv' needs an LKV model (an adapter of spkv train --method lkv).")
@@ -52,7 +53,10 @@ def cache_factory(model: torch.nn.Module, method: Method) -> Callable[[], Cache 
     if method.name == "spkv":
         return lambda: SPKVCache(model, policy=SPKVPolicy(threshold=method.threshold), sinks=method.sinks)
     if method.name not in POLICIES:
-        raise ValueError(f"Unknown method {method.name!r}: use dense, spkv or one of {', '.join(sorted(POLICIES))}")
+        raise ValueError(f"Unknown method {method.name!r}: use dense, spkv, lkv or one of {', '.join(sorted(POLICIES))}")
+    if is_lkv:
+        raise ValueError(f"An LKV model evicts under its budget, so the {method.name!r} policy's threshold would be ignored: "
+                         "run the post-hoc policies on an SP-KV model or the dense control.")
     cls = POLICIES[method.name]
     kwargs = {} if method.threshold is None else {"threshold": method.threshold}
     sinks = 4 if method.sinks is None else method.sinks

@@ -47,8 +47,8 @@ def test_density_budget_matches_the_real_cache(model, target):
 
 def test_kv_bytes_budget(model):
     ids = _ids(1)
-    full = model_kv_bytes(model, 200, 1, 1.0)[0]
-    floor = model_kv_bytes(model, 200, 1, 0.0)[0]
+    full = model_kv_bytes(model, 200, 1, 1.0)[1]  # a full cache of the same tokens
+    floor = model_kv_bytes(model, 200, 1, 0.0)[0]  # the window, its spare slots and the ungated layers
     limit = (full + floor) // 2
     result = spkv.calibrate(model, input_ids=[ids], kv_bytes_limit=limit)
     assert result.kv_bytes <= limit and result.kv_bytes_full == full

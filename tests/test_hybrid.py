@@ -163,6 +163,11 @@ def test_a_hybrid_trains_with_the_control_recipe_and_its_adapter_runs_the_layout
         cache = spkv.SPKVCache(fresh)
         fresh(input_ids=ids, **cache_kwarg(cache))
     assert torch.equal(spkv.cache_stats(cache).density_per_head == 1.0, torch.tensor(layout.units))
+    from spkv.eval.hybrids import trained_layout
+
+    (tmp_path / "layout.json").rename(tmp_path / "moved.json")  # the adapter keeps its own copy of the layout
+    assert trained_layout(adapter) == layout
+    (tmp_path / "moved.json").rename(tmp_path / "layout.json")
     with pytest.raises(ValueError, match="window"):
         build_model(TrainConfig(**{**common, "window": 8}, out=str(tmp_path / "w"), hybrid_layout=str(tmp_path / "layout.json")))
     with pytest.raises(ValueError, match="fixed layout"):
@@ -241,6 +246,8 @@ def test_compare_at_equal_memory_measures_every_row_and_resumes(tiny_pretrained,
     third = json.loads((out / "hybrids.json").read_text())["rows"]
     assert third[0]["adapter"] == str(copy) and third[0]["nll"] == pytest.approx(control_row["nll"], abs=1e-6)
     assert third[1]["nll"] == again[1]["nll"]  # the SP-KV row (same adapter, same tau) was kept
+    with pytest.raises(SystemExit, match="Two rows would be named"):
+        main([*argv[:12], str(tmp_path / "layout.json"), *argv[12:]])  # the same layout twice
     other = hybrid.design([[0.5, 0.5]] * 2, [0, 1], 0.5, "learned-layer", model="another-model", window=4)
     (tmp_path / "other.json").write_text(other.to_json())
     with pytest.raises(SystemExit, match="designed for 'another-model'"):

@@ -305,6 +305,12 @@ def test_the_evaluations_decode_an_lkv_model_as_method_lkv():
         shares = torch.stack([layer.shares for layer in cache.spkv_layers()])
         assert isinstance(cache.policy, LKVPolicy) and float(shares.mean()) == pytest.approx(r, abs=1e-5)
     assert Method("lkv", 0.5).label == "lkv (r=0.5)"
+    dense = cache_factory(model, Method("dense"))()  # on an LKV model too, dense keeps every pair
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 90, (1, 60)), **cache_kwarg(dense))
+    assert spkv.cache_stats(dense).density == 1.0
+    with pytest.raises(ValueError, match="threshold would be ignored"):
+        cache_factory(model, Method("h2o", 0.5))
     with pytest.raises(ValueError, match="Use method 'lkv'"):
         cache_factory(model, Method("spkv"))
     sp = tiny_model("llama")

@@ -76,7 +76,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     data = heldout_set(tokenizer, seq_len=args.seq_len, max_sequences=args.sequences, corpus=args.heldout)
     out = Path(args.out)
     run = PartialRun(out, "hybrids")
-    same_docs = [r for r in run.earlier() if r.get("doc_ids") == data.doc_ids and r.get("seq_len") == args.seq_len]
+    same_docs = [r for r in run.earlier()
+                 if (r.get("model"), r.get("doc_ids"), r.get("seq_len")) == (args.model, data.doc_ids, args.seq_len)]
     done = merge_by(same_docs, "rows", "label")  # rows of an interrupted or finished run on these documents are kept
     result = compare_hybrids(args.model, args.control, args.adapter, args.tau, args.layouts, args.trained, data, done=done,
                              save=run.save)

@@ -15,8 +15,9 @@ from spkv.data.heldout import HeldoutSet
 from spkv.eval.nll import NLLResult, nll_with_policy
 from spkv.policies import POLICIES, ScoringPolicy
 
-# Methods with no threshold to calibrate: they are reported at the density they have.
-UNMATCHED = {"streaming", "keep_all"}
+# Methods with no threshold to calibrate: they are reported at the density they have (lkv: at its
+# budget r, which it keeps by construction; give it with --threshold lkv=R).
+UNMATCHED = {"streaming", "keep_all", "lkv"}
 
 
 @dataclass

@@ -10,6 +10,7 @@ Every row's density is measured on the documents, not taken from the layout.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,13 +29,34 @@ def layout_label(layout: HybridLayout, kind: str) -> str:
 
 
 def trained_layout(adapter: str | Path) -> HybridLayout:
-    """The layout an adapter of `spkv train --hybrid-layout` was trained under (from its metadata)."""
+    """The layout an adapter of `spkv train --hybrid-layout` was trained under: the copy in its
+    metadata, or (adapters written before it was kept there) the file its train_config names."""
     from spkv.adapter import read_adapter_config
 
-    path = read_adapter_config(adapter)["metadata"].get("train_config", {}).get("hybrid_layout")
+    meta = read_adapter_config(adapter)["metadata"]
+    if meta.get("hybrid_layout"):
+        return HybridLayout(**{k: v for k, v in meta["hybrid_layout"].items() if k != "global_share"})
+    path = meta.get("train_config", {}).get("hybrid_layout")
     if not path:
         raise ValueError(f"{adapter} was not trained under a hybrid layout (its train_config has no hybrid_layout).")
     return HybridLayout.load(path)
+
+
+def adapter_digest(adapter: str | Path) -> str:
+    """sha256 of an adapter's files: a row is kept only for the very weights it was measured with."""
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter.safetensors"):
+        digest.update((Path(adapter) / name).read_bytes())
+    return digest.hexdigest()
+
+
+# Identity of a row: these must match for an earlier row to be kept; the other identity fields
+# (digests, layout units) are checked where the earlier row has them.
+_REQUIRED = ("kind", "adapter")
+
+
+def _same_row(earlier: dict[str, Any], info: dict[str, Any]) -> bool:
+    return all(earlier.get(k) == v for k, v in info.items() if k in earlier or k in _REQUIRED)
 
 
 def compare_hybrids(model_name: str, control: str, spkv_adapter: str, tau: float, layouts: list[str], trained: list[str],
@@ -59,21 +81,30 @@ def compare_hybrids(model_name: str, control: str, spkv_adapter: str, tau: float
         spkv.set_threshold(model, tau)
         return model
 
-    plan.append(("dense control", {"kind": "control", "adapter": control}, lambda: fresh(control)))
-    plan.append((f"SP-KV tau={tau:g}", {"kind": "spkv", "adapter": spkv_adapter, "threshold": tau}, with_tau))
+    digests = {a: adapter_digest(a) for a in (control, spkv_adapter, *trained)}
+    plan.append(("dense control", {"kind": "control", "adapter": control, "adapter_sha256": digests[control]}, lambda: fresh(control)))
+    plan.append((f"SP-KV tau={tau:g}", {"kind": "spkv", "adapter": spkv_adapter, "adapter_sha256": digests[spkv_adapter],
+                                         "threshold": tau}, with_tau))
     for path in layouts:
         layout = HybridLayout.load(path)
-        info = {"kind": "post-hoc", "layout": path, "design": layout.design, "budget": layout.budget, "adapter": control}
+        info = {"kind": "post-hoc", "layout": path, "design": layout.design, "budget": layout.budget, "adapter": control,
+                "adapter_sha256": digests[control], "units": layout.units, "sinks": layout.sinks}
         plan.append((layout_label(layout, "post-hoc"), info, lambda layout=layout: apply_layout(fresh(control), layout)))
     for adapter in trained:
         layout = trained_layout(adapter)
-        info = {"kind": "trained", "design": layout.design, "budget": layout.budget, "adapter": adapter}
+        info = {"kind": "trained", "design": layout.design, "budget": layout.budget, "adapter": adapter,
+                "adapter_sha256": digests[adapter], "units": layout.units, "sinks": layout.sinks}
         plan.append((layout_label(layout, "trained"), info, lambda adapter=adapter: fresh(adapter)))
+    labels = [label for label, _, _ in plan]
+    twice = sorted({x for x in labels if labels.count(x) > 1})
+    if twice:
+        raise ValueError(f"Two rows would be named {', '.join(twice)}: compare one layout (or trained adapter) per design, "
+                         "seed and budget at a time.")
 
     rows = []
     for label, info, build in plan:
         earlier = done.get(label)
-        if earlier is None or any(earlier.get(k) != v for k, v in info.items()):  # a row of other weights or layout: again
+        if earlier is None or not _same_row(earlier, info):  # other weights or another layout: measured again
             start = time.perf_counter()
             measured = nll_full_sequence(build(), data, label).__dict__
             done[label] = {"label": label, **info, **measured, "seconds": time.perf_counter() - start}

@@ -309,4 +309,6 @@ def export_adapter(cfg: TrainConfig, model: torch.nn.Module, base_state: dict[st
         changes["lkv"] = model.spkv_config.lkv.replace(temperature=cfg.temperature_end)
     update_config(model, **changes)
     meta = {"train_config": dataclasses.asdict(cfg), "tokens": cfg.total_steps * cfg.batch_size * cfg.seq_len, "steps": cfg.total_steps}
+    if cfg.hybrid_layout is not None:  # the layout itself, so the adapter does not depend on the file staying as it was
+        meta["hybrid_layout"] = json.loads(model.spkv_hybrid.to_json())
     return save_adapter(model, path, base_state=base_state, delta_rank=rank, delta_dtype=torch.bfloat16 if rank else torch.float32, metadata=meta)
