@@ -7,7 +7,8 @@
 # rows use the shipped adapter, adapters/smollm2-135m-spkv. Give the benchmarks the machine: other
 # CPU-bound jobs distort every row. THREADS sets torch threads (default: torch's, as recorded).
 # hybrid: issue 18's exported per-layer hybrid (learned-layer at budget 0.3 on the dense control's
-# weights, exported to runs/export/) against static, window-only and SP-KV at the same KV share, at
+# weights, exported to runs/export/) against static, window-only and SP-KV's cache at a forced 30%
+# density (RandomPolicy, the density-30 row: the same KV share), at
 # 8k-32k x batch 8, into results/bench/hybrid/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +26,7 @@ for part in ${PARTS:-decode prefill train}; do
       [ -f runs/export/smollm2-learned-layer-0.3/config.json ] || .venv/bin/spkv hybrid export --model smollm2-135m \
           --adapter adapters/smollm2-135m-control --layout results/hybrid/smollm2/layouts/learned-layer-0.3.json \
           --out runs/export/smollm2-learned-layer-0.3
-      .venv/bin/spkv bench decode --model smollm2-135m --caches static window-only hybrid-export density-30 \
+      .venv/bin/spkv bench decode --model smollm2-135m --caches static window-only export-sliding hybrid-export density-30 \
           --hybrid-export runs/export/smollm2-learned-layer-0.3 --contexts 8192 16384 32768 --batch-sizes 8 \
           --steps 8 --repeats 2 --warmup 2 --out results/bench/hybrid ;;
     profile)

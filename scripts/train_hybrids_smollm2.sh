@@ -18,7 +18,8 @@ one() {
   fi
   mkdir -p adapters/hybrids/smollm2-135m-$name && cp $out/adapter/* $out/log.jsonl $out/train_config.json adapters/hybrids/smollm2-135m-$name/
 }
+pids=()
 for name in ${LAYOUTS:-learned-head-0.3 interleave-0.3}; do
-  if [ "${PARALLEL:-0}" = 1 ]; then one $name & else one $name; fi
+  if [ "${PARALLEL:-0}" = 1 ]; then one $name & pids+=($!); else one $name; fi
 done
-wait
+for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid"; done  # a failed run fails the script

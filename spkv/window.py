@@ -19,7 +19,7 @@ class Window:
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, window: int,
                  slack: int = 0) -> None:
-        self.window, self.floor = window, window + slack  # slack: slots for pairs whose exit is batched
+        self.floor = window + slack  # the fewest slots it keeps; slack: pairs whose exit is batched
         self.capacity = self.start = self.size = 0
         self.k = torch.zeros(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)  # [B, Hkv, C, D]
         self.v = torch.zeros_like(self.k)

@@ -163,7 +163,7 @@ def test_decode_times_an_exported_hybrid_against_its_proportional_cost(tmp_path)
     heads = model.config.num_key_value_heads
     layout = hybrid.design([[1.0] * heads if i % 2 else [0.0] * heads for i in layers], layers, 0.5, "learned-layer", window=16)
     export = hybrid.export(hybrid.apply_layout(model, layout), layout, tmp_path / "export")
-    given = {"caches": ["static", "window-only", "hybrid-export"], "hybrid_export": str(export), "bandwidth_mib": 8,
+    given = {"caches": ["static", "window-only", "hybrid-export", "export-sliding"], "hybrid_export": str(export), "bandwidth_mib": 8,
              "contexts": [160], "batch_sizes": [1]}
     result = decode.run_decode(common.settings_from(decode.DecodeSettings, given, decode.QUICK_DECODE), progress=False)
     rows = {r["cache"]: r for r in result["rows"]}
@@ -174,7 +174,9 @@ def test_decode_times_an_exported_hybrid_against_its_proportional_cost(tmp_path)
     assert rows["hybrid-export"]["kv_bytes_held"] == pytest.approx(per_layer * half * (160 + extra + 16))
     cost = rows["hybrid-export"]
     assert cost["kv_share"] == 0.5
-    assert cost["ideal_ms"] == pytest.approx(rows["window-only"]["step_ms"] + 0.5 * (rows["static"]["step_ms"] - rows["window-only"]["step_ms"]))
+    assert rows["export-sliding"]["kv_bytes_held"] == pytest.approx(per_layer * len(layers) * 16)  # every layer its window
+    sliding = rows["export-sliding"]["step_ms"]  # the like-for-like share-0 end
+    assert cost["ideal_ms"] == pytest.approx(sliding + 0.5 * (rows["static"]["step_ms"] - sliding))
     assert cost["measured_over_ideal"] == pytest.approx(cost["step_ms"] / cost["ideal_ms"])
     assert "measured/ideal" in decode_markdown({**result, "provenance": {}})
     skipped = decode.run_decode(common.settings_from(decode.DecodeSettings, {**given, "hybrid_export": None, "caches": ["hybrid-export"]},

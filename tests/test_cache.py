@@ -64,7 +64,7 @@ def test_sinks_are_kept_and_not_counted():
     # Row 1 starts with 5 pads: its first two real tokens (positions 5, 6) are sinks, always stored.
     # After 30 tokens the next query's window is positions 27..30, so 0..26 have left it.
     decided_real = (30 - 4 + 1) - 5 - 2  # minus the pads, minus the sinks
-    layer.take_exits()  # decode batches its window exits: decide the waiting ones before counting
+    cache.take_exits()  # decode batches its window exits: decide the waiting ones before counting
     assert int(layer.decided[1].max()) == decided_real
     assert int(layer.store_lengths()[1].min()) >= 2
 

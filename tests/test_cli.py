@@ -96,9 +96,12 @@ def test_generate_runs_a_hybrid_layout(tiny_pretrained, tmp_path):
     out_json = tmp_path / "report.json"
     main(["generate", "--model", str(model_dir), "--hybrid-layout", str(path), "--prompt", prompt, "--max-new-tokens", "4",
           "--json", str(out_json)])
-    cache = json.loads(out_json.read_text())["cache"]
-    assert cache["density"] == 0.5 and cache["density_per_layer_head"] == [[1.0, 0.0], [0.0, 1.0]]
+    report = json.loads(out_json.read_text())
+    cache = report["cache"]
+    assert report["hybrid_layout"] == str(path) and cache["density"] == 0.5 and cache["density_per_layer_head"] == [[1.0, 0.0], [0.0, 1.0]]
     with pytest.raises(SystemExit, match="not both"):
         main(["generate", "--model", str(model_dir), "--hybrid-layout", str(path), "--threshold", "0.5", "--prompt", prompt])
+    with pytest.raises(SystemExit, match="retune"):
+        main(["generate", "--model", str(model_dir), "--hybrid-layout", str(path), "--density", "0.2", "--prompt", prompt])
     with pytest.raises(SystemExit, match="designed for"):
         main(["generate", "--model", str(tiny_pretrained("other", words=WORDS)), "--hybrid-layout", str(path), "--prompt", prompt])

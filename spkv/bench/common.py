@@ -44,8 +44,8 @@ def load_base(name: str, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
 
 class ModelPool:
     """Loads each model variant once, on first use: `base` (unconverted), `converted` (spkv.convert
-    with untrained predictors), `adapter` (--adapter loaded) and `export` (the plain transformers
-    model of `spkv hybrid export`, loaded without spkv)."""
+    with untrained predictors), `adapter` (--adapter loaded), `export` (the plain transformers
+    model of `spkv hybrid export`, loaded without spkv) and `export-sliding` (it with every layer sliding)."""
 
     def __init__(self, name: str, dtype: torch.dtype, window: int, adapter: str | None, export: str | None = None) -> None:
         self.name, self.dtype, self.window, self.adapter, self.export = name, dtype, window, adapter, export
@@ -54,10 +54,13 @@ class ModelPool:
         self._prompts: dict[tuple[int, int], tuple[torch.Tensor, str]] = {}
 
     def get(self, variant: str) -> torch.nn.Module:
-        if variant == "export" and variant not in self.models:
-            from transformers import AutoModelForCausalLM
+        if variant.startswith("export") and variant not in self.models:
+            from transformers import AutoConfig, AutoModelForCausalLM
 
-            self.models[variant] = AutoModelForCausalLM.from_pretrained(self.export, dtype=self.dtype).eval()
+            config = AutoConfig.from_pretrained(self.export)
+            if variant == "export-sliding":  # the same weights with every layer sliding
+                config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+            self.models[variant] = AutoModelForCausalLM.from_pretrained(self.export, config=config, dtype=self.dtype).eval()
         if variant not in self.models:
             model, tokenizer = load_base(self.name, self.dtype)
             self.tokenizer = self.tokenizer or tokenizer

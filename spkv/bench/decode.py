@@ -17,7 +17,9 @@ Cache names (decode):
     window-only   converted model, StreamingLLM and no sinks: nothing kept outside the window
     hybrid-export the per-layer hybrid of `spkv hybrid export` (--hybrid-export), a plain transformers
                   model with transformers' StaticCache (its sliding layers hold the window); its
-                  step is compared with window-only + global share x (static - window-only)
+                  step is compared with export-sliding + global share x (static - export-sliding)
+    export-sliding the same exported model with every layer sliding: the hybrid's like-for-like
+                  share-0 end (window-only if this row is not run)
 
 How a decode row's cache is filled with its `context` tokens (--fill):
     synthetic  (default) random keys/values of the model's exact shapes and dtype, written through
@@ -116,8 +118,8 @@ def parse_cache(name: str) -> CacheSpec:
         return CacheSpec(name, "adapter")
     if name == "window-only":
         return CacheSpec(name, "converted", StreamingLLM(threshold=0.0), sinks=0, kv_fraction=0.0)
-    if name == "hybrid-export":
-        return CacheSpec(name, "export")
+    if name in ("hybrid-export", "export-sliding"):
+        return CacheSpec(name, name.replace("hybrid-", ""))
     if name.startswith("density-"):
         try:
             percent = float(name.split("-", 1)[1])
@@ -126,13 +128,13 @@ def parse_cache(name: str) -> CacheSpec:
         if not 0 < percent <= 100:
             raise ValueError(f"cache {name!r}: density-P needs P in (0, 100]")
         return CacheSpec(name, "converted", RandomPolicy(threshold=1 - percent / 100, seed=0), kv_fraction=percent / 100)
-    raise ValueError(f"unknown cache {name!r}; choose from dynamic, static, spkv-adapter, density-P, window-only, hybrid-export")
+    raise ValueError(f"unknown cache {name!r}; choose from dynamic, static, spkv-adapter, density-P, window-only, hybrid-export, export-sliding")
 
 
 def make_cache(spec: CacheSpec, model: torch.nn.Module, max_len: int) -> Cache:
     if spec.name == "dynamic":
         return DynamicCache(config=model.config)
-    if spec.name in ("static", "hybrid-export"):  # the export's config makes its sliding layers hold the window
+    if spec.name in ("static", "hybrid-export", "export-sliding"):  # the export's sliding layers hold the window
         return StaticCache(config=model.config, max_cache_len=max_len)
     policy = replace(spec.policy) if spec.policy is not None else None  # fresh state (RandomPolicy's generator)
     cache = SPKVCache(model, policy=policy, sinks=spec.sinks)
@@ -216,7 +218,7 @@ def skip_reason(s: DecodeSettings, spec: CacheSpec, pool: ModelPool, context: in
     """Why a row will not run (None: it runs)."""
     if spec.variant == "adapter" and not s.adapter:
         return "skipped: no --adapter"
-    if spec.variant == "export" and not s.hybrid_export:
+    if spec.variant.startswith("export") and not s.hybrid_export:
         return "skipped: no --hybrid-export"
     if row_fill(s, spec) != s.fill and context * batch > s.max_model_fill_tokens:
         return (f"skipped: model fill too long (context x batch {context * batch} > "

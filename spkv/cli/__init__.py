@@ -29,6 +29,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
         if args.threshold is not None:
             raise SystemExit("error: give --threshold or a budget (--density / --max-kv-mb), not both")
+        if args.hybrid_layout:
+            raise SystemExit("error: a hybrid keeps what its layout says; --density / --max-kv-mb retune SP-KV's tau: not both")
         calibration = Path(args.calibration_file).read_text() if args.calibration_file else prompt
         context = len(tokenizer(prompt).input_ids) + args.max_new_tokens
         budget = spkv.calibrate(model, [calibration], tokenizer, density=args.density, context=context,
@@ -43,7 +45,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print("\n--- SP-KV cache report ---")
     print(f"model {args.model}, adapter {args.adapter or 'none'}, threshold {model.spkv_config.threshold}")
     print(report.summary())
-    result = {"model": args.model, "adapter": args.adapter, "threshold": model.spkv_config.threshold, **report.__dict__}
+    result = {"model": args.model, "adapter": args.adapter, "hybrid_layout": args.hybrid_layout,
+              "threshold": model.spkv_config.threshold, **report.__dict__}
     if budget is not None:
         result["budget"] = budget.__dict__
     if args.compare_base:

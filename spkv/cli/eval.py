@@ -122,7 +122,7 @@ def cmd_eval_lm_eval(args: argparse.Namespace) -> None:
                            limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size)
     result = run_tasks(model, tokenizer, config)
     out = Path(args.out)
-    write_json(out / "lm_eval.json", {"model": args.model, "adapter": args.adapter, **result})
+    write_json(out / "lm_eval.json", {"model": args.model, "adapter": args.adapter, "hybrid_layout": args.hybrid_layout, **result})
     atomic_write_text(out / "lm_eval.md", results_markdown(result))
     print(results_markdown(result))
 
