@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 18 on SmolLM2-135M: the dense probe, layouts of every design at KV budget 0.3 (the shipped
 # SP-KV adapter's 29.6% density; random-head: 3 seeds), learned-head and interleave also at 0.15 and
-# 0.5 (DESIGNS_MORE changes which designs get the extra budgets), and the equal-memory
+# 0.5 (DESIGNS_MORE changes which designs get the extra budgets), four designs at 0.3 with 4 sink
+# tokens in the local units (DESIGNS_SINKS), and the equal-memory
 # comparison on 16 held-out documents at 2k: dense control, SP-KV at tau 0.5, each layout post-hoc on
 # the control's weights, and each trained hybrid in adapters/hybrids/ (scripts/train_hybrids_smollm2.sh).
 # Resumable (an interrupted comparison keeps its rows). Needs `spkv data`. THREADS sets torch threads.
@@ -30,6 +31,14 @@ for budget in 0.3 0.15 0.5; do
       files+=($f)
     done
   fi
+done
+# post-hoc with 4 sink tokens in the local units (StreamingLLM's fix for a window without them)
+for design in ${DESIGNS_SINKS:-learned-head learned-layer probe-head interleave}; do
+  scores=results/analysis/smollm2/analysis.json
+  [[ $design == probe-* ]] && scores=$out/probe.json
+  f=$layouts/$design-0.3-sinks4.json
+  [ -f $f ] || .venv/bin/spkv hybrid design --scores $scores --budget 0.3 --design $design --sinks 4 --out $f
+  files+=($f)
 done
 trained=$(ls -d adapters/hybrids/smollm2-135m-* 2>/dev/null || true)
 .venv/bin/spkv hybrid compare --model smollm2-135m --control adapters/smollm2-135m-control --adapter adapters/smollm2-135m-spkv \

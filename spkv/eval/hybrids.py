@@ -148,7 +148,8 @@ def plot_hybrids(result: dict[str, Any], out: Path) -> Path:
     series: dict[tuple[str, str], dict[float, list[dict[str, Any]]]] = {}
     for r in result["rows"]:
         if r["kind"] in ("post-hoc", "trained"):
-            series.setdefault((r["design"], r["kind"]), {}).setdefault(r["budget"], []).append(r)
+            name = r["design"] + (f" +{r['sinks']} sinks" if r.get("sinks") else "")
+            series.setdefault((name, r["kind"]), {}).setdefault(r["budget"], []).append(r)
     designs = sorted({d for d, _ in series})
     for (design, kind), by_budget in sorted(series.items()):
         color, budgets = f"C{designs.index(design) % 10}", sorted(by_budget)
