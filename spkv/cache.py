@@ -64,7 +64,6 @@ class SPKVLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.recent = Window(b, hkv, d, self.dtype, self.device, self.window, slack=self.exit_batch - 1)
         self.store = PagedStore(b * hkv, d, self.dtype, self.device, page_size(self.window))
-        self.empty_store: torch.Tensor | None = None  # [B, Hkv, 1, 1] on the device, None after the store changed
         self.valid_seen = torch.zeros(b, dtype=torch.long, device=self.device)
         self.decided = torch.zeros(b, hkv, dtype=torch.long)  # out-of-window, non-sink, real pairs
         self.kept = torch.zeros(b, hkv, dtype=torch.long)
@@ -115,7 +114,6 @@ class SPKVLayer(CacheLayerMixin):
         self.recent.reorder(rows)
         heads = (rows.view(-1, 1) * self.num_kv_heads + torch.arange(self.num_kv_heads)).flatten()
         self.store.reorder(heads)
-        self.empty_store = None
         self.valid_seen = self.valid_seen.index_select(0, rows.to(self.valid_seen.device))
         self.decided, self.kept = self.decided.index_select(0, rows), self.kept.index_select(0, rows)
         self.sinks_stored, self.exited_real = self.sinks_stored.index_select(0, rows), self.exited_real.index_select(0, rows)
@@ -202,9 +200,7 @@ class SPKVLayer(CacheLayerMixin):
             gate = torch.zeros_like(recent.score).masked_fill(~self._keep(recent.score, recent.sink), float("-inf"))
         bias = window_bias(dist.view(1, 1, n, -1), self.window, gate.unsqueeze(2), recent.valid.view(self.batch_size, 1, 1, -1))
         # A query that sees nothing (left padding, before any real token) gets a finite, unused result.
-        if self.empty_store is None:  # the store's lengths live on the host: copied once per change, not per step
-            self.empty_store = (self.store_lengths() == 0).view(self.batch_size, -1, 1, 1).to(self.device)
-        blind = torch.isneginf(bias).all(-1, keepdim=True) & self.empty_store
+        blind = torch.isneginf(bias).all(-1, keepdim=True) & self.store.empty_heads().view(self.batch_size, -1, 1, 1)
         return bias.masked_fill(blind, 0.0)
 
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -219,8 +215,8 @@ class SPKVLayer(CacheLayerMixin):
         out, probs = attend(q, bias, scaling, want_probs)
         if want_probs or self.policy.needs_queries:
             self._observe(q, probs, scaling)
-        if not self.record_past and (n > 1 or self._exits_up_to(self.seen - self.window) >= self.exit_batch):
-            self._evict(self.seen - self.window)
+        if n > 1 or self._exits_up_to(self.seen - self.window) >= self.exit_batch:
+            self.take_exits()
         return out.view(b, h, n, d).transpose(1, 2)
 
     def take_exits(self) -> None:
@@ -326,7 +322,6 @@ class SPKVLayer(CacheLayerMixin):
         self.kept += (keep & counted).sum(-1)
         heads = self.batch_size * self.num_kv_heads
         self.store.append(keep.view(heads, m), keys.reshape(heads, m, -1), values.reshape(heads, m, -1), pos)
-        self.empty_store = None
         recent.drop(m)
 
     def _exits_up_to(self, upto: int) -> int:
@@ -356,7 +351,6 @@ class SPKVLayer(CacheLayerMixin):
                 limits = budget_limits(self.shares, self.decided, self.sinks_stored)
                 cut = cuts[:, seg - 1].unsqueeze(1).expand_as(limits)  # sequences cut now; others keep all they hold
                 self.store.shrink(torch.where(cut, limits, self.store_lengths()).reshape(-1))
-            self.empty_store = None
             self.kept = self.store_lengths() - self.sinks_stored.unsqueeze(1)
             cuts, m = cuts[:, seg:], m - seg
 

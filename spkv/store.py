@@ -46,6 +46,7 @@ class PagedStore:
         self.score: torch.Tensor | None = None  # [capacity, page] each pair's score, once `append` got scores
         self.pages = 0  # pages in use: pool[:pages]
         self.lengths = torch.zeros(heads, dtype=torch.long)  # host: pairs kept per head
+        self._empty: torch.Tensor | None = None  # [heads] device copy of lengths == 0, None after a change
         self.owned = torch.zeros(heads, dtype=torch.long)  # host: pages in each head's row of the table
         self.table = torch.zeros(heads, 0, dtype=torch.long)  # host: [heads, width] each head's pages, in order
 
@@ -109,7 +110,7 @@ class PagedStore:
         self.pos.view(-1)[flat] = positions.to(self.pos.device)[cols]
         if self.score is not None:
             self.score.view(-1)[flat] = scores.float().to(self.score.device)[rows, cols]
-        self.lengths = new_lengths
+        self.lengths, self._empty = new_lengths, None
 
     def shrink(self, limits: torch.Tensor) -> None:
         """Evict: every head holding more than limits[head] pairs (host, long) keeps its limits[head]
@@ -139,7 +140,7 @@ class PagedStore:
         gone = flat[held_d & ~inside]
         self.free_bias.view(-1)[gone] = float("-inf")
         self.pos.view(-1)[gone] = -1
-        self.lengths[over] = new
+        self.lengths[over], self._empty = new, None
 
     def attend(self, query: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unnormalised attention of each head's queries over its stored pairs, for every head at once.
@@ -182,7 +183,14 @@ class PagedStore:
         self.pages = total
         table = torch.zeros(self.heads, max(1, width), dtype=torch.long)
         table[taken] = torch.arange(total)
-        self.table, self.lengths, self.owned = table, lengths.clone(), counts.clone()
+        self.table, self.lengths, self.owned, self._empty = table, lengths.clone(), counts.clone(), None
+
+    def empty_heads(self) -> torch.Tensor:
+        """[heads] bool on the device: heads holding no pair. Copied from the host lengths once per
+        change of the store, not once per decode step."""
+        if self._empty is None:
+            self._empty = (self.lengths == 0).to(self.k.device)
+        return self._empty
 
     def get(self, head: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One head's stored pairs, in order: (keys, values) [L, D] (a copy: its pages are scattered)."""
