@@ -17,6 +17,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "(with --adapter: the adapter's, e.g. the dense control)")
 
 
+def add_heldout_args(p: argparse.ArgumentParser, sequences: int = 16) -> None:
+    """--seq-len, --sequences, --heldout: the held-out set of spkv.data.heldout.heldout_set."""
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--sequences", type=int, default=sequences, help="held-out documents (one sequence each)")
+    p.add_argument("--heldout", help="held-out .jsonl (default: the spkv data corpus)")
+
+
 def load_model_args(args: argparse.Namespace):
     import spkv
     from spkv.models import load_model

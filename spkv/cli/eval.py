@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from spkv.cli.common import add_model_args, load_model_args
+from spkv.cli.common import add_heldout_args, add_model_args, load_model_args
 
 
 def cmd_eval_nll(args: argparse.Namespace) -> None:
@@ -161,9 +161,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     en.add_argument("--adapter", required=True)
     en.add_argument("--control", help="the dense control's adapter (spkv train --control)")
     en.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.5, 0.7])
-    en.add_argument("--seq-len", type=int, default=2048)
-    en.add_argument("--sequences", type=int, default=16, help="held-out documents (one sequence each)")
-    en.add_argument("--heldout", help="held-out .jsonl (default: the spkv data corpus)")
+    add_heldout_args(en)
     en.add_argument("--out", default="results/train")
     en.set_defaults(func=cmd_eval_nll)
     em = esub.add_parser("matched", help="SP-KV vs post-hoc baselines at matched density (the paper's main table)")
@@ -173,9 +171,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     em.add_argument("--tau", type=float, default=0.5, help="SP-KV threshold; its density is the baselines' target")
     em.add_argument("--methods", nargs="+", default=["streaming", "h2o", "tova", "key_norm", "expected_attention", "kvzap", "random"],
                     help="scoring policies (spkv.policies.POLICIES)")
-    em.add_argument("--seq-len", type=int, default=2048)
-    em.add_argument("--sequences", type=int, default=16, help="held-out documents (one sequence each)")
-    em.add_argument("--heldout", help="held-out .jsonl (default: the spkv data corpus)")
+    add_heldout_args(em)
     em.add_argument("--chunk", type=int, default=32, help="prefill chunk for attention-based baselines (error vs chunk 1 is measured)")
     em.add_argument("--calibration-sequences", type=int, default=4)
     em.add_argument("--exactness-sequences", type=int, default=1, help="documents re-run token by token to measure the chunking error")

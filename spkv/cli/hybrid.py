@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from spkv.cli.common import add_heldout_args
+
 # The scores each design ranks by: the key in the score file, and the command that writes it.
 _SCORES = {"learned": ("density_per_layer_head", "spkv analyze --adapter A --out DIR (DIR/analysis.json)"),
            "probe": ("attention_beyond_window_per_layer_head", "spkv hybrid probe --model M --out probe.json")}
@@ -95,9 +97,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     hp = hysub.add_parser("probe", help="the dense model's attention mass beyond the window per layer x KV head (probe-* designs)")
     hp.add_argument("--model", default="smollm2-135m")
     hp.add_argument("--window", type=int, default=128)
-    hp.add_argument("--seq-len", type=int, default=2048)
-    hp.add_argument("--sequences", type=int, default=8, help="held-out documents")
-    hp.add_argument("--heldout", help="held-out .jsonl (default: the spkv data corpus)")
+    add_heldout_args(hp, sequences=8)
     hp.add_argument("--out", required=True, help="probe JSON file")
     hp.set_defaults(func=cmd_probe)
     hd = hysub.add_parser("design", help="pick the units that stay global for a KV budget (a JSON layout)")
@@ -123,8 +123,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     hc.add_argument("--tau", type=float, default=0.5, help="SP-KV's threshold")
     hc.add_argument("--layouts", nargs="*", default=[], help="layout JSON files, run post-hoc on the control's weights")
     hc.add_argument("--trained", nargs="*", default=[], help="adapters of spkv train --hybrid-layout")
-    hc.add_argument("--seq-len", type=int, default=2048)
-    hc.add_argument("--sequences", type=int, default=16)
-    hc.add_argument("--heldout", help="held-out .jsonl (default: the spkv data corpus)")
+    add_heldout_args(hc)
     hc.add_argument("--out", default="results/hybrid", help="folder for hybrids.json, hybrids.md, hybrids.png")
     hc.set_defaults(func=cmd_compare)
