@@ -67,10 +67,16 @@ class HybridLayout:
         return json.dumps({**asdict(self), "global_share": self.global_share}, indent=2)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> HybridLayout:
+    def load(cls, path: str | os.PathLike, model: str | None = None) -> HybridLayout:
+        """The layout in `path`; with `model`, an error if it was designed for another model."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"No layout at {path}: write one with `spkv hybrid design`.")
         data = json.loads(Path(path).read_text())
         data.pop("global_share", None)
-        return cls(**data)
+        layout = cls(**data)
+        if model is not None and layout.model and layout.model != model:
+            raise ValueError(f"The layout {path} was designed for {layout.model!r}, not {model!r}.")
+        return layout
 
 
 def _check_budget(budget: float) -> None:

@@ -35,9 +35,7 @@ def load_model_args(args: argparse.Namespace):
 
         if args.threshold is not None:
             raise ValueError("A hybrid has no threshold: give --hybrid-layout or --threshold, not both.")
-        design = hybrid.HybridLayout.load(layout)
-        if design.model and design.model != args.model:
-            raise ValueError(f"The layout {layout} was designed for {design.model!r}, not {args.model!r}.")
+        design = hybrid.HybridLayout.load(layout, model=args.model)
         if args.adapter:
             spkv.load_adapter(model, args.adapter)
         return hybrid.apply_layout(model, design), tokenizer

@@ -50,9 +50,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from spkv import hybrid
     from spkv.models import load_model
 
-    layout = hybrid.HybridLayout.load(args.layout)
-    if layout.model and args.model != layout.model:
-        raise ValueError(f"The layout was designed for {layout.model!r}, not {args.model!r}.")
+    layout = hybrid.HybridLayout.load(args.layout, model=args.model)
     model, tokenizer = load_model(args.model)
     if args.adapter:  # the LLM weights to export, e.g. a dense control or a hybrid trained with the layout
         import spkv
@@ -65,15 +63,12 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from spkv.data.heldout import heldout_set
     from spkv.eval.hybrids import compare_hybrids, hybrids_markdown, plot_hybrids
+    from spkv.hybrid import HybridLayout
     from spkv.models import load_model
     from spkv.results import PartialRun, atomic_write_text, merge_by
 
-    for path in args.layouts:
-        layout = json.loads(Path(path).read_text()) if Path(path).is_file() else None
-        if layout is None:
-            raise FileNotFoundError(f"No layout at {path}: write one with `spkv hybrid design`.")
-        if layout["model"] and layout["model"] != args.model:
-            raise ValueError(f"The layout {path} was designed for {layout['model']!r}, not {args.model!r}.")
+    for path in args.layouts:  # every layout checked before an hour of rows
+        HybridLayout.load(path, model=args.model)
     _, tokenizer = load_model(args.model)
     data = heldout_set(tokenizer, seq_len=args.seq_len, max_sequences=args.sequences, corpus=args.heldout)
     out = Path(args.out)

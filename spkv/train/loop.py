@@ -98,9 +98,7 @@ def build_model(cfg: TrainConfig):
     if cfg.hybrid_layout is not None:  # the fixed layout: constant, frozen predictors in the hard phase
         from spkv.hybrid import HybridLayout, apply_layout
 
-        layout = HybridLayout.load(cfg.hybrid_layout)
-        if layout.model and layout.model != cfg.model:
-            raise ValueError(f"The layout {cfg.hybrid_layout} was designed for {layout.model!r}, not {cfg.model!r}.")
+        layout = HybridLayout.load(cfg.hybrid_layout, model=cfg.model)
         if layout.window != cfg.window:
             raise ValueError(f"The layout {cfg.hybrid_layout} has window {layout.window}, the run --window {cfg.window}: make them equal.")
         with torch.random.fork_rng():  # the predictors' init draws nothing: LoRA starts as the control's does
