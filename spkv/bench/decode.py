@@ -164,7 +164,7 @@ class DecodeRow:
     predicted_ms: float | None = None  # (weight bytes + KV bytes read) / bandwidth
     measured_over_predicted: float | None = None
     kv_share: float | None = None  # compressed caches: share of out-of-window pairs kept (measured; an export's global share)
-    ideal_ms: float | None = None  # window-only + kv_share x (static - window-only), same run, same context and batch
+    ideal_ms: float | None = None  # window-only (an export: export-sliding) + kv_share x (static - it), same run, context, batch
     measured_over_ideal: float | None = None
     fill: str = ""  # how the cache was filled: synthetic | model
     fill_s: float | None = None  # seconds of the fill (for information)
