@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Issue 17's learned systems on SmolLM2-135M at the shipped SP-KV adapter's budget (r = 0.3), each on
+# 163,840 tokens of 2k-token sequences (the recipes of docs/lkv.md), into runs/lkv/NAME and
+# adapters/lkv/smollm2-135m-NAME. RUNS (default: lkv-frozen wg-frozen) picks from
+#   lkv-frozen   LKV, learned budgets, LLM frozen, self-distillation
+#   lkv-uniform  the same with every head at share r (the budgets ablation)
+#   lkv-lora     LKV with the LLM adapted by LoRA (joint)
+#   wg-frozen    SP-KV's write gate with the LLM frozen (WG-KV-like), density regulariser at 0.3
+# Precision follows the hardware (bf16 where native, else fp32). Resumable. THREADS (default 1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${THREADS:-1}
+common=(--model smollm2-135m --seq-len 2048 --batch-size 1 --max-tokens 163840 --checkpoint-every 10 --seed 0
+        --distill-weight 1)
+lkv=(--method lkv --budget 0.3 --hard-fraction 0)
+args() {
+  case $1 in
+    lkv-frozen) echo "${lkv[@]} --train-llm none" ;;
+    lkv-uniform) echo "${lkv[@]} --train-llm none --uniform-budgets" ;;
+    lkv-lora) echo "${lkv[@]} --train-llm lora --lora-rank 16" ;;
+    wg-frozen) echo "--train-llm none --hard-fraction 0 --density-target 0.3 --density-weight 1 --predictor-lr-mult 25" ;;
+    *) echo "unknown run '$1' (see the header of $0)" >&2; return 1 ;;
+  esac
+}
+for name in ${RUNS:-lkv-frozen wg-frozen}; do
+  out=runs/lkv/$name dest=adapters/lkv/smollm2-135m-$name
+  extra=$(args $name)
+  if [ ! -f $out/adapter/adapter_config.json ]; then
+    # shellcheck disable=SC2086
+    .venv/bin/spkv train "${common[@]}" $extra --out $out $([ -f $out/checkpoint.pt ] && echo --resume)
+  fi
+  mkdir -p $dest && cp $out/adapter/* $out/log.jsonl $out/train_config.json $dest/
+done
