@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
 # Issue 5's matched-density table for the shipped SmolLM2-135M adapter: base, dense control, SP-KV at
 # tau 0.5 and every post-hoc baseline calibrated to SP-KV's density, at 2k tokens on the 16 held-out
-# documents of results/train. Resumable (--resume reuses finished rows). Then the density analysis
+# documents of results/train. Issue 17's learned systems join it at the same density, each on its own
+# weights, for every adapter that exists: the joint SP-KV adapter of the frozen runs' token count
+# (164k), and adapters/lkv/* of scripts/train_lkv_smollm2.sh. Resumable (--resume reuses finished rows
+# of the same table: a finished run only adds rows). Then the density analysis
 # (scripts/analyze_smollm2.sh; ANALYZE=0 skips it). THREADS (default: torch's) sets the torch threads.
 # Needs `spkv data` first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
+learned=()
+for row in "SP-KV joint, 164k tokens=adapters/smollm2-135m-spkv-164k" \
+           "SP-KV gate, LLM frozen=adapters/lkv/smollm2-135m-wg-frozen" \
+           "LKV, LLM frozen=adapters/lkv/smollm2-135m-lkv-frozen" \
+           "LKV, uniform budgets=adapters/lkv/smollm2-135m-lkv-uniform" \
+           "LKV + LoRA=adapters/lkv/smollm2-135m-lkv-lora"; do
+  [ -f "${row#*=}/adapter_config.json" ] && learned+=("$row")
+done
 .venv/bin/spkv eval matched --model smollm2-135m --adapter adapters/smollm2-135m-spkv \
     --control adapters/smollm2-135m-control --tau 0.5 --seq-len 2048 --sequences 16 \
     --calibration-sequences 2 --chunk 32 --exactness-sequences 1 --exactness-tokens 1024 \
-    --methods streaming key_norm kvzap random h2o tova expected_attention --out results/eval/smollm2 --resume
+    --methods streaming key_norm kvzap random h2o tova expected_attention --out results/eval/smollm2 --resume \
+    ${learned[@]+--learned "${learned[@]}"}
 if [ "${ANALYZE:-1}" = 1 ]; then bash scripts/analyze_smollm2.sh; fi

@@ -122,6 +122,40 @@ def test_prefill_quick(tmp_path):
     assert all(o["keep_all_overhead"] is not None and o["predictors_fraction"] > 0 for o in result["overhead"])
 
 
+def test_prefill_of_an_lkv_adapter_reports_its_scorer_and_its_bytes_against_the_budget(tmp_path):
+    """LKV rows: keep-all is budget 1 (density 1), the scorers time alone, and the bytes in use stay
+    within what the budget allows plus E = exit_every pairs per head (the cut's slack)."""
+    import spkv
+    from spkv.config import LKVConfig, SPKVConfig
+    from spkv.lkv import scorers
+
+    from .tiny_models import save_tiny_pretrained
+
+    path = save_tiny_pretrained(tmp_path / "model")
+    model, _ = spkv.load_model(str(path))
+    spkv.convert(model, SPKVConfig(window=16, predictor_hidden=16, lkv=LKVConfig(budget=0.25, exit_every=8)))
+    with torch.no_grad():
+        for s in scorers(model).values():
+            s.budget_logits.normal_()
+    spkv.save_adapter(model, tmp_path / "lkv")
+    main(["bench", "prefill", "--model", str(path), "--adapter", str(tmp_path / "lkv"), "--contexts", "300",
+          "--prefill-chunk", "64", "--repeats", "1", "--threads", "1", "--out", str(tmp_path / "out")])
+    rows = {r["config"]: r for r in json.loads((tmp_path / "out" / "prefill.json").read_text())["rows"]}
+    assert all(r["status"] == "ok" for r in rows.values()), {c: r["status"] for c, r in rows.items()}
+    assert rows["spkv-keep-all"]["density"] == 1.0 and rows["predictors-only"]["seconds"] > 0
+    lkv = rows["spkv"]
+    assert lkv["density"] == pytest.approx(0.25, abs=0.05) and "LKV" in lkv["note"]
+    assert lkv["held_over_budget"] == pytest.approx(lkv["kv_bytes_held"] / lkv["kv_bytes_budget"])
+    model = spkv.load_adapter(spkv.load_model(str(path))[0], tmp_path / "lkv")
+    cache = spkv.SPKVCache(model)
+    common.chunked_prefill(model, cache, torch.randint(2, 60, (1, 300)), 64)
+    kv = common.kv_bytes(cache)
+    layers = cache.spkv_layers()
+    slack = sum(8 * x.num_kv_heads * x.bytes_per_pair for x in layers)
+    assert kv["budget"] <= kv["read"] + slack and kv["read"] <= kv["budget"] + slack
+    assert kv["held"] >= kv["read"]
+
+
 @pytest.mark.parametrize("name", ["dynamic", "static", "density-25"])
 def test_synthetic_fill_matches_model_fill(name):
     """Same bytes (and, for a forced density, the same kept set: RandomPolicy draws in the same

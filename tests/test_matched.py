@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from spkv import SPKVConfig, convert, save_adapter
+from spkv import load_adapter as spkv_load
 from spkv.cache import SPKVCache
 from spkv.cli import main
 from spkv.compat import cache_kwarg
@@ -178,3 +179,87 @@ def test_eval_matched_and_analyze_cli(tmp_path, monkeypatch):
           "--out", str(tmp_path / "analysis")])
     analysis = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
     assert len(analysis["documents"]) == 3 and (tmp_path / "analysis" / "density_heatmap.png").exists()
+
+
+def _learned_adapters(tmp_path):
+    """A tiny checkpoint with an SP-KV gate (spread logits) and an LKV adapter (spread budgets) on it."""
+    from spkv.config import LKVConfig
+    from spkv.lkv import scorers
+
+    path = save_tiny_pretrained(tmp_path / "model", words=60)
+    gate, _ = load_model(str(path))
+    convert(gate, SPKVConfig(window=32, threshold=0.5))
+    for layer in gate.model.layers:  # gate logits spread around 0, so any density is reachable
+        predictor = layer.self_attn.spkv_predictor
+        torch.nn.init.normal_(predictor.fc1.weight, std=0.5)
+        torch.nn.init.normal_(predictor.fc2.weight, std=0.5)
+        torch.nn.init.zeros_(predictor.fc2.bias)
+    save_adapter(gate, tmp_path / "gate")
+    lkv, _ = load_model(str(path))
+    convert(lkv, SPKVConfig(window=32, predictor_hidden=16, lkv=LKVConfig(budget=0.4, exit_every=4)))
+    with torch.no_grad():
+        for s in scorers(lkv).values():
+            s.budget_logits.normal_()
+    save_adapter(lkv, tmp_path / "lkv")
+    return path
+
+
+def test_learned_rows_reach_the_target_density_through_the_cache(tmp_path):
+    from spkv.eval.matched import learned_row
+    from spkv.policies import SPKVPolicy
+
+    path = _learned_adapters(tmp_path)
+    data = _data(2, 300)
+    data.input_ids = data.input_ids % 60 + 2  # the tiny tokenizer's ids
+    settings = MatchSettings(tolerance=0.02, calibration_sequences=1, exact_chunk=64, max_iterations=8)
+    gate = learned_row(str(path), "gate", tmp_path / "gate", data, 0.25, settings)
+    assert gate["knob"] == "tau" and abs(gate["density"] - 0.25) <= 0.02, gate["calibration"]
+    model, _ = load_model(str(path))
+    spkv_load(model, tmp_path / "gate")
+    again = nll_with_policy(model, data, SPKVPolicy(threshold=gate["threshold"]), sinks=0, chunk=64)
+    assert again.density == pytest.approx(gate["density"]) and again.nll == pytest.approx(gate["nll"])
+    lkv = learned_row(str(path), "lkv", tmp_path / "lkv", data, 0.25, settings)
+    assert lkv["knob"] == "r" and abs(lkv["density"] - 0.25) <= 0.02, lkv["calibration"]
+    assert lkv["threshold"] != 0.4  # the trained r (0.4) keeps ~40%: it was moved
+    assert lkv["adapter_sha256"] == hashlib.sha256((tmp_path / "lkv" / "adapter.safetensors").read_bytes()).hexdigest()
+
+
+def test_compare_reuses_finished_rows_and_reruns_a_retrained_learned_adapter(tmp_path, monkeypatch):
+    import spkv.eval.matched as matched
+
+    path = _learned_adapters(tmp_path)
+    data = _data(1, 100)
+    done = {m: {"method": m, "threshold": None, "nll": 2.0, "nll_per_sequence": [2.0], "density": 0.3}
+            for m in ("base model", "SP-KV", "dense control")}
+    done["lkv"] = {**done["SP-KV"], "method": "lkv", "adapter_sha256": "an older adapter"}
+    done["gate"] = {**done["SP-KV"], "method": "gate", "adapter_sha256": matched._file_digest(tmp_path / "gate")}
+    ran = []
+    monkeypatch.setattr(matched, "learned_row", lambda model, label, *a: ran.append(label) or {**done["SP-KV"], "method": label})
+    result = matched.compare(str(path), "unused", str(tmp_path / "gate"), 0.5, [], data, MatchSettings(), tmp_path,
+                             done=done, learned={"gate": str(tmp_path / "gate"), "lkv": str(tmp_path / "lkv")})
+    assert ran == ["lkv"]  # only the retrained one runs again; base, SP-KV and control are reused
+    assert [r["method"] for r in result["rows"]] == ["base model", "SP-KV", "dense control", "gate", "lkv"]
+
+
+def test_analyze_an_lkv_model_measures_its_cache_and_maps_its_budgets(tmp_path):
+    from spkv.config import LKVConfig
+    from spkv.eval.analysis import plot_analysis
+    from spkv.lkv import scorers
+    from spkv.policies import LKVPolicy
+
+    model = convert(tiny_model("llama", seed=2), SPKVConfig(window=32, predictor_hidden=16, lkv=LKVConfig(budget=0.3, exit_every=4))).eval()
+    with torch.no_grad():
+        for s in scorers(model).values():
+            s.budget_logits.normal_()
+    data = _data(2, 300)
+    result = analyze(model, [(d, row.tolist()) for d, row in zip(data.doc_ids, data.input_ids)])
+    reference = nll_with_policy(model, data, LKVPolicy(), sinks=0, chunk=1000)  # one prefill per document
+    assert torch.allclose(torch.tensor(result["density_per_layer_head"]), torch.tensor(reference.density_per_layer_head).float())
+    shares = torch.tensor(result["shares_per_layer_head"])
+    assert shares.mean().item() == pytest.approx(0.3, abs=1e-4) and shares.std() > 0.01
+    # a head keeps about its share of what left its window (within E = 4 pairs of slack per head)
+    assert torch.allclose(torch.tensor(result["density_per_layer_head"]), shares, atol=0.06)
+    result.update(model="tiny", adapter="lkv")
+    beside = {"adapter": "runs/spkv", "density_per_layer_head": result["density_per_layer_head"]}
+    paths = plot_analysis(result, tmp_path, beside)
+    assert all(p.exists() for p in paths)

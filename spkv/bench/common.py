@@ -195,10 +195,18 @@ def kv_bytes(cache: Cache) -> dict[str, Any]:
     if not isinstance(cache, SPKVCache):
         return {"held": other, "read": other}
     stats = cache_stats(cache)
-    return {
+    out = {
         "held": stats.bytes_held + other, "read": stats.bytes_used + other, "full": stats.bytes_full + other,
         "density": stats.density, "density_token_weighted": stats.density_token_weighted,
     }
+    budgeted = [x for x in cache.spkv_layers() if x.is_initialized and x.shares is not None]
+    if budgeted:  # eviction under a budget: what the budget allows, (share x left-the-window + sinks + window) pairs
+        from spkv.lkv import budget_limits
+
+        out["budget"] = other + sum(
+            (int(budget_limits(x.shares, x.decided, x.sinks_stored).sum()) + x.window * x.batch_size * x.num_kv_heads)
+            * x.bytes_per_pair for x in budgeted)
+    return out
 
 
 def settings_from(cls: type, given: dict[str, Any], quick_overrides: dict[str, Any] | None = None) -> Any:

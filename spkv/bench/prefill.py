@@ -33,7 +33,7 @@ from spkv.bench.machine import GIB, RSSSampler, rss_peak_mib, torch_threads
 from spkv.budget import predicted_kv_bytes
 from spkv.cache import SPKVCache
 from spkv.convert import predictors
-from spkv.policies import SPKVPolicy
+from spkv.policies import KeepAll, SPKVPolicy
 from spkv.results import atomic_write_text, provenance, write_json
 
 
@@ -69,6 +69,8 @@ class PrefillRow:
     tokens_per_s: float | None = None
     time_vs_dynamic: float | None = None  # this config's seconds / dynamic's
     kv_bytes_held: int | None = None  # after the prefill
+    kv_bytes_budget: int | None = None  # eviction under a budget (LKV): the bytes its budget allows
+    held_over_budget: float | None = None  # kv_bytes_held / kv_bytes_budget
     density: float | None = None
     peak_rss_delta_mib: float | None = None  # max over repeats of (sampled peak - RSS before)
     rss_peak_so_far_mib: float | None = None
@@ -78,16 +80,24 @@ class PrefillRow:
 
 
 def time_predictors(model: torch.nn.Module, batch: int, context: int, chunk: int) -> float:
-    """Seconds for every gated layer's predictor over `context` tokens of random hidden states, in chunks."""
+    """Seconds for every gated layer's predictor over `context` tokens of random inputs, in chunks:
+    hidden states [B, n, hidden] for SP-KV's predictor, keys and values [B, Hkv, n, D] for LKV's scorer."""
     preds = list(predictors(model).values())
     p = next(model.parameters())
-    hidden = torch.randn(batch, min(chunk, context), model.config.get_text_config(decoder=True).hidden_size, dtype=p.dtype)
+    text = model.config.get_text_config(decoder=True)
+    n0 = min(chunk, context)
+    if model.spkv_config.lkv is None:
+        inputs = (torch.randn(batch, n0, text.hidden_size, dtype=p.dtype),)
+    else:
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        kv = torch.randn(2, batch, text.num_key_value_heads, n0, head_dim, dtype=p.dtype)
+        inputs = (kv[0], kv[1])
     start = time.perf_counter()
     with torch.no_grad():
         for s in range(0, context, chunk):
             n = min(chunk, context - s)
             for predictor in preds:
-                predictor(hidden[:, :n])
+                predictor(*(x[..., :n, :] for x in inputs))
     return time.perf_counter() - start
 
 
@@ -100,7 +110,11 @@ def _prefill_once(config: str, pool: ModelPool, ids: torch.Tensor, chunk: int) -
     if config == "dynamic":
         cache: Cache = DynamicCache(config=model.config)
     else:
-        cache = SPKVCache(model, policy=SPKVPolicy(threshold=0.0) if config == "spkv-keep-all" else None)
+        keep_all = config == "spkv-keep-all"
+        if model.spkv_config.lkv is not None:  # LKV keeps every pair at budget 1
+            cache = SPKVCache(model, policy=KeepAll() if keep_all else None, budget=1.0 if keep_all else None)
+        else:
+            cache = SPKVCache(model, policy=SPKVPolicy(threshold=0.0) if keep_all else None)
         cache.max_positions = None
     with RSSSampler() as rss:
         start = time.perf_counter()
@@ -141,6 +155,8 @@ def prefill_rows(s: PrefillSettings, pool: ModelPool, context: int, batch: int) 
             if cache is not None:
                 kv = kv_bytes(cache)
                 row.kv_bytes_held, row.density = kv["held"], kv.get("density")
+                if "budget" in kv and config == "spkv":
+                    row.kv_bytes_budget, row.held_over_budget = kv["budget"], kv["held"] / kv["budget"]
             del cache
             gc.collect()
     for row in rows.values():
@@ -154,7 +170,12 @@ def prefill_rows(s: PrefillSettings, pool: ModelPool, context: int, batch: int) 
             row.time_vs_dynamic = row.seconds / dyn.seconds
     rows["spkv-keep-all"].note = "converted model keeping every pair: predictors + SP-KV attention and cache overhead"
     rows["predictors-only"].note = "the predictors alone on random hidden states of the same shape"
-    rows["spkv"].note = "adapter's predictors and threshold" if pool.adapter else "untrained predictors (keep almost all)"
+    lkv = pool.get("adapter" if pool.adapter else "converted").spkv_config.lkv is not None
+    rows["spkv"].note = ("LKV adapter: eviction under its learned budgets" if lkv else "adapter's predictors and threshold"
+                         if pool.adapter else "untrained predictors (keep almost all)")
+    if lkv:
+        rows["spkv-keep-all"].note = "LKV model at budget 1 (keeps every pair): the scorer + cache overhead"
+        rows["predictors-only"].note = "the token scorers alone on random keys and values of the same shape"
     return list(rows.values())
 
 
@@ -206,14 +227,15 @@ def prefill_markdown(result: dict[str, Any]) -> str:
         f"# Prefill benchmark: {m['name']} ({m['dtype']}), chunk {result['settings']['prefill_chunk']}, "
         f"torch threads {result['threads']}", "",
         f"command: `{result.get('provenance', {}).get('command', '')}`", "",
-        "| config | context | batch | seconds | tok/s | time vs dynamic | KV held MiB | density | peak RSS +MiB "
-        "| peak RSS so far MiB | status | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | context | batch | seconds | tok/s | time vs dynamic | KV held MiB | held / budget | density "
+        "| peak RSS +MiB | peak RSS so far MiB | status | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['config']} | {r['context']} | {r['batch']} | {_num(r['seconds'], '.3f')} | {_num(r['tokens_per_s'], '.1f')} "
-            f"| {_num(r['time_vs_dynamic'])} | {_mib(r['kv_bytes_held'])} | {_num(r['density'], '.3f')} "
+            f"| {_num(r['time_vs_dynamic'])} | {_mib(r['kv_bytes_held'])} | {_num(r.get('held_over_budget'), '.3f')} "
+            f"| {_num(r['density'], '.3f')} "
             f"| {_num(r['peak_rss_delta_mib'], '.0f')} | {_num(r['rss_peak_so_far_mib'], '.0f')} | {r['status']} | {r['note']} |"
         )
     lines += ["", "| context | batch | keep-all overhead | predictors / dynamic |", "|---|---|---|---|"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from spkv.cli.common import add_heldout_args, add_model_args, load_model_args
@@ -40,15 +41,39 @@ def cmd_eval_matched(args: argparse.Namespace) -> None:
                                   corpus=default_corpus() / "train.jsonl").input_ids
     out = Path(args.out)
     run = PartialRun(out, "matched")
-    done = merge_by(run.earlier()[:1], "rows", "method") if args.resume and run.partial.exists() else {}
+    done = merge_by(_same_table(run.earlier()[:1], args, data.doc_ids), "rows", "method") if args.resume else {}
+    learned = dict(_label_value(item, "--learned") for item in args.learned or [])
     settings = MatchSettings(chunk=args.chunk, calibration_sequences=args.calibration_sequences,
                              exactness_sequences=args.exactness_sequences, exactness_tokens=args.exactness_tokens)
     result = compare(args.model, args.adapter, args.control, args.tau, args.methods, data, settings, out,
-                     kvzap_train=kvzap_train, done=done, save=run.save)
+                     kvzap_train=kvzap_train, done=done, save=run.save, learned=learned)
     atomic_write_text(out / "matched.md", matched_markdown(result))
     plot_matched(result, out)
     run.finish(result)
     print(matched_markdown(result))
+
+
+def _same_table(runs: list[dict], args: argparse.Namespace, doc_ids: list[str]) -> list[dict]:
+    """The earlier run's rows may be reused only for the same model, adapter, control, tau and documents
+    (a partial file holds rows alone: it is always this run's)."""
+    keep = []
+    for r in runs:
+        head = (r.get("model"), r.get("adapter"), r.get("control"), r.get("tau"), r.get("doc_ids"))
+        if "model" not in r or head == (args.model, args.adapter, args.control, args.tau, doc_ids):
+            keep.append(r)
+        else:
+            print(f"note: {args.out}'s earlier table was made for another model, adapter, control, tau or documents: "
+                  "every row runs again", file=sys.stderr)
+    return keep
+
+
+def _label_value(item: str, flag: str) -> tuple[str, str]:
+    label, sep, value = item.partition("=")
+    if not sep or not label or not value:
+        raise SystemExit(f"{flag} takes LABEL=VALUE (e.g. 'LKV frozen LLM=adapters/lkv/smollm2-135m-lkv-frozen'), got {item!r}")
+    if flag == "--learned" and not (Path(value) / "adapter_config.json").exists():
+        raise SystemExit(f"{flag} {label}: {value} has no adapter_config.json (an adapter folder of spkv train)")
+    return label, value
 
 
 def _max_new_tokens(args: argparse.Namespace) -> int | None:
@@ -143,13 +168,18 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     load_adapter(model, args.adapter)
     if args.threshold is not None:
         set_threshold(model, args.threshold)
+    if args.budget is not None:
+        from spkv.lkv import set_budget
+
+        set_budget(model, args.budget)
     max_len = args.max_len or model.config.get_text_config(decoder=True).max_position_embeddings
     docs = documents_by_length(tokenizer, args.heldout, args.documents, args.min_len, max_len)
     result = {"model": args.model, "adapter": args.adapter, **analyze(model, docs)}
     out = Path(args.out)
     write_json(out / "analysis.json", result)
     atomic_write_text(out / "analysis.md", analysis_markdown(result))
-    plot_analysis(result, out)
+    beside = json.loads(Path(args.beside).read_text()) if args.beside else None
+    plot_analysis(result, out, beside)
     print(analysis_markdown(result))
 
 
@@ -178,7 +208,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     em.add_argument("--exactness-tokens", type=int, default=1024, help="... on their first tokens")
     em.add_argument("--kvzap-sequences", type=int, default=16, help="training-split sequences to fit the KVzap surrogate")
     em.add_argument("--kvzap-seq-len", type=int, default=1024)
-    em.add_argument("--resume", action="store_true", help="reuse the rows of an interrupted run (OUT/matched.partial.json)")
+    em.add_argument("--learned", nargs="+", metavar="LABEL=ADAPTER",
+                    help="other learned adapters at the same density, each on its own weights (an SP-KV gate trained "
+                         "another way: tau calibrated; an LKV adapter: budget r scaled)")
+    em.add_argument("--resume", action="store_true",
+                    help="reuse the rows of an interrupted or finished run of the same table (OUT/matched*.json)")
     em.add_argument("--out", default="results/eval")
     em.set_defaults(func=cmd_eval_matched)
     et = esub.add_parser("tasks", help="RULER-style long-context tasks (needles, variable tracking, word extraction) per method")
@@ -228,13 +262,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     el.add_argument("--out", default="results/lm_eval")
     el.set_defaults(func=cmd_eval_lm_eval)
 
-    a = sub.add_parser("analyze", help="where an SP-KV model keeps memory: density per layer x head and against length")
+    a = sub.add_parser("analyze", help="where an SP-KV or LKV model keeps memory: density per layer x head and against length")
     a.add_argument("--model", default="smollm2-135m")
     a.add_argument("--adapter", required=True)
     a.add_argument("--threshold", type=float, help="tau (default: the adapter's)")
+    a.add_argument("--budget", type=float, help="an LKV adapter's budget r (default: the adapter's)")
     a.add_argument("--documents", type=int, default=12, help="held-out documents, spread over lengths")
     a.add_argument("--min-len", type=int, default=512)
     a.add_argument("--max-len", type=int, help="cap on a document's tokens (default: the model's positions)")
     a.add_argument("--heldout", help="held-out .jsonl (default: the spkv data corpus)")
+    a.add_argument("--beside", metavar="ANALYSIS_JSON", help="another adapter's analysis.json whose density map is drawn "
+                   "beside this one (e.g. SP-KV's next to LKV's learned budgets)")
     a.add_argument("--out", default="results/analysis")
     a.set_defaults(func=cmd_analyze)

@@ -1,8 +1,9 @@
-"""Where an SP-KV model keeps memory: density per layer x KV head, and density against length.
+"""Where an SP-KV or LKV model keeps memory: density per layer x KV head, and density against length.
 
 The paper says longer inputs compress more. We measure it per held-out document: each document at
 its own length (capped at the model's limit), its density from the exact full-sequence forward,
-then a least-squares line of density against log2(length) with its R^2.
+then a least-squares line of density against log2(length) with its R^2. An LKV model's density
+comes from its cache (the eviction rule runs there) and its learned budgets are mapped beside it.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from spkv.cache import SPKVCache
+from spkv.compat import CACHE_ARG
 from spkv.data.heldout import tokenized_heldout
 from spkv.density import forward_with_density, mean_density
 from spkv.results import pyplot, save_figure
+from spkv.stats import cache_stats
 
 
 def documents_by_length(tokenizer: Any, corpus: Path | str | None, count: int, min_len: int, max_len: int) -> list[tuple[str, list[int]]]:
@@ -43,20 +47,39 @@ def fit_line(x: list[float], y: list[float]) -> dict[str, float]:
     return {"slope": slope, "intercept": my - slope * mx if sxx else float("nan"), "r2": r2, "n": n}
 
 
+def kept_counted(model: torch.nn.Module, ids: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, counted) per [layer, Hkv] for one document ids [1, T]: SP-KV's exact full-sequence
+    forward, or for an LKV model its cache prefilled in chunks (exact at any chunk)."""
+    if model.spkv_config.lkv is None:
+        _, kept, counted = forward_with_density(model, ids)
+        return kept, counted
+    cache = SPKVCache(model)
+    for s in range(0, ids.shape[1], chunk):
+        model(input_ids=ids[:, s : s + chunk], **{CACHE_ARG: cache}, logits_to_keep=1)
+    stats = cache_stats(cache)
+    return stats.kept.sum(1).float(), stats.decided.sum(1).float()
+
+
 def analyze(model: torch.nn.Module, docs: list[tuple[str, list[int]]]) -> dict[str, Any]:
-    """Per document: length and density; pooled: density per layer x KV head; the regression."""
+    """Per document: length and density; pooled: density per layer x KV head (and an LKV model's
+    learned shares); the regression."""
+    from spkv.lkv import model_shares
+
     cfg = model.spkv_config
     per_doc, kept_sum, counted_sum = [], 0, 0
     with torch.no_grad():
         for doc_id, ids in tqdm(docs, desc="analyze", unit="doc"):
-            _, kept, counted = forward_with_density(model, torch.tensor([ids]))
+            kept, counted = kept_counted(model, torch.tensor([ids]))
             kept_sum, counted_sum = kept_sum + kept, counted_sum + counted
             per_doc.append({"doc_id": doc_id, "length": len(ids), "density": float(mean_density(kept, counted)),
                             "density_token_weighted": float(kept.sum() / counted.sum().clamp(min=1))})
     per_head = kept_sum / counted_sum.clamp(min=1)
     lengths = [math.log2(d["length"]) for d in per_doc]
+    extra = {} if cfg.lkv is None else {
+        "budget": cfg.lkv.budget, "uniform_budgets": cfg.lkv.uniform,
+        "shares_per_layer_head": torch.stack(list(model_shares(model).values())).tolist()}
     return {
-        "threshold": cfg.threshold, "window": cfg.window, "layers": cfg.layers, "documents": per_doc,
+        **extra, "threshold": cfg.threshold, "window": cfg.window, "layers": cfg.layers, "documents": per_doc,
         "density": float(per_head.mean()), "density_per_layer_head": per_head.tolist(),
         "fit_log2_length": fit_line(lengths, [d["density"] for d in per_doc]),
     }
@@ -64,8 +87,9 @@ def analyze(model: torch.nn.Module, docs: list[tuple[str, list[int]]]) -> dict[s
 
 def analysis_markdown(result: dict[str, Any]) -> str:
     fit = result["fit_log2_length"]
+    at = f"LKV budget r {result['budget']:g}" if "budget" in result else f"tau {result['threshold']:g}"
     lines = [
-        f"Density of {result['model']} + `{result['adapter']}` at tau {result['threshold']:g} (window {result['window']}), "
+        f"Density of {result['model']} + `{result['adapter']}` at {at} (window {result['window']}), "
         f"{len(result['documents'])} held-out documents, each at its own length.",
         "",
         f"- Pooled density (mean over layers x KV heads): **{100 * result['density']:.1f}%**.",
@@ -80,20 +104,37 @@ def analysis_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_analysis(result: dict[str, Any], out: Path) -> list[Path]:
-    """density_heatmap.png (layer x KV head) and density_vs_length.png (per document + fit)."""
+def heatmaps(grids: dict[str, list[list[float]]], layers: list[int], path: Path) -> Path:
+    """One layer x KV head panel per grid (title -> [layers, Hkv] fractions), side by side, in %."""
     plt = pyplot()
-    grid = torch.tensor(result["density_per_layer_head"])  # [layers, Hkv]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * grid.shape[1], 0.8 + 0.22 * grid.shape[0]))
-    im = ax.imshow((grid * 100).numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=100)
-    ax.set_xlabel("KV head")
-    ax.set_ylabel("layer")
-    ax.set_yticks(range(len(result["layers"])), [str(i) for i in result["layers"]], fontsize=7)
-    ax.set_xticks(range(grid.shape[1]))
-    ax.set_title(f"kept out-of-window pairs (%), tau {result['threshold']:g}", fontsize=9)
-    fig.colorbar(im, ax=ax)
-    heatmap = save_figure(fig, out / "density_heatmap.png")
+    tensors = {title: torch.tensor(g) for title, g in grids.items()}
+    hkv = next(iter(tensors.values())).shape[1]
+    fig, axes = plt.subplots(1, len(tensors), figsize=(0.4 + (1.2 + 0.6 * hkv) * len(tensors), 0.8 + 0.22 * len(layers)),
+                             squeeze=False)
+    for ax, (title, grid) in zip(axes[0], tensors.items()):
+        im = ax.imshow((grid * 100).numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=100)
+        ax.set_xlabel("KV head")
+        ax.set_ylabel("layer")
+        ax.set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=7)
+        ax.set_xticks(range(grid.shape[1]))
+        ax.set_title(title, fontsize=8)
+        fig.colorbar(im, ax=ax)
+    path = save_figure(fig, path)
     plt.close(fig)
+    return path
+
+
+def plot_analysis(result: dict[str, Any], out: Path, beside: dict[str, Any] | None = None) -> list[Path]:
+    """density_heatmap.png (layer x KV head; an LKV model's learned shares next to it, and `beside`,
+    another analysis.json's result, e.g. SP-KV's map) and density_vs_length.png (per document + fit)."""
+    plt = pyplot()
+    at = f"LKV r {result['budget']:g}" if "budget" in result else f"tau {result['threshold']:g}"
+    grids = {f"kept out-of-window pairs (%), {at}": result["density_per_layer_head"]}
+    if "shares_per_layer_head" in result:
+        grids[f"learned budget (share, %), r {result['budget']:g}"] = result["shares_per_layer_head"]
+    if beside is not None:
+        grids[f"{Path(beside['adapter']).name}: kept (%)"] = beside["density_per_layer_head"]
+    heatmap = heatmaps(grids, result["layers"], out / "density_heatmap.png")
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     xs = [d["length"] for d in result["documents"]]

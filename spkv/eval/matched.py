@@ -73,13 +73,60 @@ def add_dnll(rows: list[dict[str, Any]], reference: dict[str, Any], base: dict[s
         r["dnll_pct_vs_base"] = 100 * (r["nll"] - base["nll"]) / base["nll"]
 
 
+def learned_row(model_name: str, label: str, adapter_dir: str | Path, data: HeldoutSet, target: float,
+                settings: MatchSettings) -> dict[str, Any]:
+    """Another learned system's adapter through the same compressed cache, at the target density.
+
+    An SP-KV gate trained another way (e.g. with the LLM frozen) gets its tau calibrated like a
+    baseline's threshold; an LKV model keeps density ~ r by construction, so its budget r is scaled by
+    target / density until it is within the tolerance. Both decide at write time: exact at any chunk,
+    with the sinks the adapter was trained with."""
+    from spkv.adapter import load_adapter, read_adapter_config
+    from spkv.lkv import set_budget
+    from spkv.models import load_model
+    from spkv.policies import LKVPolicy, SPKVPolicy
+
+    model, _ = load_model(model_name)
+    load_adapter(model, adapter_dir)
+    model.eval()
+    config = model.spkv_config
+    settings = replace(settings, sinks=config.sinks, chunk=settings.exact_chunk)
+    row: dict[str, Any] = {"method": label, "adapter": str(adapter_dir), "adapter_sha256": _file_digest(adapter_dir),
+                           "train_tokens": read_adapter_config(adapter_dir)["metadata"].get("tokens"), "chunk": settings.chunk}
+    if config.lkv is None:
+        def make(threshold: float) -> SPKVPolicy:
+            return SPKVPolicy(threshold=threshold)
+
+        first = calibrate(model, data.subset(settings.calibration_sequences), make, target, settings,
+                          desc=f"{label} calibrate", start=config.threshold)
+        calib = calibrate(model, data, make, target, settings, desc=label, start=first.threshold)
+        row.update(knob="tau", threshold=calib.threshold, calibration={"first": first.summary(), "all": calib.summary()},
+                   **asdict(calib.result))
+        return row
+    budget, history, best = config.lkv.budget, [], None
+    for _ in range(settings.max_iterations):
+        set_budget(model, budget)
+        result = nll_with_policy(model, data, LKVPolicy(), sinks=config.sinks, chunk=settings.chunk, desc=f"{label} r={budget:.3g}")
+        history.append((budget, result.density))
+        if best is None or abs(result.density - target) < abs(best[1].density - target):
+            best = (budget, result)
+        if abs(result.density - target) <= settings.tolerance:
+            break
+        budget = min(1.0, budget * target / max(result.density, 1e-6))
+    row.update(knob="r", threshold=best[0], calibration={"all": {"threshold": best[0], "density": best[1].density, "history": history}},
+               **asdict(best[1]))
+    return row
+
+
 def compare(model_name: str, adapter: str, control: str, tau: float, methods: list[str], data: HeldoutSet,
             settings: MatchSettings, out: Path, kvzap_train: torch.Tensor | None = None,
-            done: dict[str, dict[str, Any]] | None = None, save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """The paper's main table: base, dense control, SP-KV at tau, and each baseline at SP-KV's density.
+            done: dict[str, dict[str, Any]] | None = None, save: Callable[[dict[str, Any]], None] | None = None,
+            learned: dict[str, str] | None = None) -> dict[str, Any]:
+    """The paper's main table: base, dense control, SP-KV at tau, and each baseline at SP-KV's density;
+    then each `learned` adapter (label -> folder) at that density (learned_row).
 
-    `done` holds rows of an interrupted run (by method) that are reused; `save` is called after
-    every row so a long run can resume."""
+    `done` holds rows of an interrupted run (by method) that are reused (a learned row only if its
+    adapter's weights are the same); `save` is called after every row so a long run can resume."""
     from spkv.adapter import load_adapter
     from spkv.convert import set_threshold
     from spkv.models import load_model
@@ -113,6 +160,10 @@ def compare(model_name: str, adapter: str, control: str, tau: float, methods: li
             run(method, lambda: _kvzap_row(model, data, target, settings, out, kvzap_train, _file_digest(control)))
         else:
             run(method, lambda m=method: matched_row(model, data, m, target, settings))
+    for label, folder in (learned or {}).items():
+        if label in done and done[label].get("adapter_sha256") != _file_digest(folder):
+            del done[label]  # the adapter was retrained since: measure it again
+        run(label, lambda lab=label, f=folder: learned_row(model_name, lab, f, data, target, settings))
     ordered = list(rows.values())
     add_dnll(ordered, reference, base)
     return {"model": model_name, "adapter": adapter, "control": control, "tau": tau, "target_density": target,
@@ -164,14 +215,17 @@ def matched_markdown(result: dict[str, Any]) -> str:
         f"sinks, prefill chunk {result['settings']['exact_chunk']} for write-time scores and "
         f"{result['settings']['chunk']} for attention-based ones), each threshold calibrated to SP-KV's density "
         f"({100 * result['target_density']:.1f}% at tau {result['tau']:g}) within {100 * result['settings']['tolerance']:.0f} point. "
-        "dNLL% is against the dense control (± paired standard error over documents).",
+        "dNLL% is against the dense control (± paired standard error over documents)."
+        + (" Rows with a knob in brackets are other learned adapters on their own weights, through the same cache with "
+           "the sinks they were trained with: an SP-KV gate's tau calibrated, an LKV model's budget r scaled, to the same "
+           "density." if any(r.get("knob") for r in result["rows"]) else ""),
         "",
         "| method | threshold | density (layers x heads) | density (token-weighted) | NLL | dNLL% vs control | "
         "dNLL% vs base | chunking error (NLL and density, chunked minus exact) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:
-        thr = "" if r["threshold"] is None else f"{r['threshold']:.4g}"
+        thr = "" if r["threshold"] is None else f"{r['threshold']:.4g}" + (f" ({r['knob']})" if r.get("knob") else "")
         dens = "" if r["density"] is None else f"{100 * r['density']:.1f}%"
         densw = "" if r["density_token_weighted"] is None else f"{100 * r['density_token_weighted']:.1f}%"
         ex = r.get("exactness")
