@@ -21,7 +21,7 @@ for part in ${PARTS:-decode prefill train}; do
     prefill)
       .venv/bin/spkv bench prefill --model smollm2-135m --contexts 2048 8192 --batch-sizes 1 --prefill-chunk 1024 --repeats 2 ;;
     train)
-      .venv/bin/spkv bench train --model smollm2-135m --seq-len 2048 --steps 3 --warmup 1 ;;
+      .venv/bin/spkv bench train --model smollm2-135m --seq-len 2048 --steps 3 --warmup 1 --lkv ;;
     hybrid)
       [ -f runs/export/smollm2-learned-layer-0.3/config.json ] || .venv/bin/spkv hybrid export --model smollm2-135m \
           --adapter adapters/smollm2-135m-control --layout results/hybrid/smollm2/layouts/learned-layer-0.3.json \

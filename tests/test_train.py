@@ -189,6 +189,9 @@ def test_train_benchmark_smoke(tiny_setup, tmp_path):
     assert [r["run"] for r in result["rows"]] == ["plain fine-tuning", "SP-KV (soft phase)"]
     assert all(len(r["step_s"]) == 2 and r["median_step_s"] > 0 for r in result["rows"]) and result["spkv_over_plain"] > 0
     assert "SP-KV / plain" in write_train_bench(result, tmp_path).read_text()
+    result = run_train_bench(model=str(tiny_setup[0]), seq_len=16, steps=1, warmup=0, train_llm="all", bf16=False, lkv=True)
+    assert result["rows"][2]["run"].startswith("LKV") and result["lkv_over_plain"] > 0
+    assert "LKV / plain" in write_train_bench(result, tmp_path).read_text()
 
 
 # ---- the mechanism learns when to write ------------------------------------------------------

@@ -1,7 +1,9 @@
-"""`spkv bench train`: the step time of SP-KV training against plain fine-tuning of the same model.
+"""`spkv bench train`: the step time of SP-KV (and LKV) training against plain fine-tuning of the same model.
 
-Both run the same recipe (train.py) on the same random batch; only the gates differ (the plain run
-is the dense control). Steps alternate between the two so load on a shared machine hits both alike.
+All run the same recipe (spkv.train) on the same random batch; only the gates differ (the plain run
+is the dense control). LKV runs its documented recipe: self-distillation (one more forward, of the
+full-cache model) and soft top-k. Steps alternate between the runs so load on a shared machine hits
+each alike.
 """
 
 from __future__ import annotations
@@ -29,12 +31,21 @@ def _one_step(cfg: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.O
     return time.perf_counter() - start
 
 
+RUNS = {  # name -> TrainConfig fields beyond the shared ones
+    "plain fine-tuning": {"control": True},
+    "SP-KV (soft phase)": {},
+    "LKV (soft phase, self-distillation)": {"method": "lkv", "budget": 0.3, "hard_fraction": 0.0, "distill_weight": 1.0},
+}
+
+
 def run_train_bench(model: str = "smollm2-135m", seq_len: int = 2048, steps: int = 5, warmup: int = 1,
-                    train_llm: str = "lora", bf16: bool | None = None) -> dict[str, Any]:
+                    train_llm: str = "lora", bf16: bool | None = None, lkv: bool = False) -> dict[str, Any]:
     runs = {}
-    for name, control in (("plain fine-tuning", True), ("SP-KV (soft phase)", False)):
-        cfg = TrainConfig(model=model, control=control, seq_len=seq_len, batch_size=1, max_tokens=seq_len * (steps + warmup),
-                          train_llm=train_llm, bf16=bf16)
+    for name, fields in RUNS.items():
+        if "LKV" in name and not lkv:
+            continue
+        cfg = TrainConfig(model=model, seq_len=seq_len, batch_size=1, max_tokens=seq_len * (steps + warmup),
+                          train_llm=train_llm, bf16=bf16, **fields)
         net, _, _, _ = build_model(cfg)
         runs[name] = (cfg, net, build_optimizer(cfg, net), [])
     vocab = next(iter(runs.values()))[1].config.vocab_size
@@ -48,7 +59,8 @@ def run_train_bench(model: str = "smollm2-135m", seq_len: int = 2048, steps: int
             for name, (_, _, _, t) in runs.items()]
     return {"benchmark": "train", "model": model, "seq_len": seq_len, "train_llm": train_llm, "bf16": cfg.bf16,
             "steps": steps, "warmup": warmup, "threads": torch.get_num_threads(), "rows": rows,
-            "spkv_over_plain": rows[1]["median_step_s"] / rows[0]["median_step_s"]}
+            "spkv_over_plain": rows[1]["median_step_s"] / rows[0]["median_step_s"],
+            **({"lkv_over_plain": rows[2]["median_step_s"] / rows[0]["median_step_s"]} if lkv else {})}
 
 
 def write_train_bench(result: dict[str, Any], out: str | Path) -> Path:
@@ -59,4 +71,6 @@ def write_train_bench(result: dict[str, Any], out: str | Path) -> Path:
              "| run | median step (s) | tokens/s |", "| --- | --- | --- |"]
     lines += [f"| {r['run']} | {r['median_step_s']:.2f} | {r['tokens_per_s']:.1f} |" for r in result["rows"]]
     lines += ["", f"SP-KV / plain step time: **{result['spkv_over_plain']:.2f}x** (target <= 1.3x)"]
+    if "lkv_over_plain" in result:
+        lines.append(f"LKV / plain step time: **{result['lkv_over_plain']:.2f}x**")
     return atomic_write_text(out / "train.md", "\n".join(lines) + "\n")

@@ -31,7 +31,7 @@ def cmd_bench_prefill(args: argparse.Namespace) -> None:
 def cmd_bench_train(args: argparse.Namespace) -> None:
     from spkv.bench.train_step import run_train_bench, write_train_bench
 
-    result = run_train_bench(args.model, args.seq_len, args.steps, args.warmup, args.train_llm, args.bf16)
+    result = run_train_bench(args.model, args.seq_len, args.steps, args.warmup, args.train_llm, args.bf16, args.lkv)
     print(write_train_bench(result, args.out).read_text())
 
 
@@ -79,6 +79,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     bt.add_argument("--steps", type=int, default=5)
     bt.add_argument("--warmup", type=int, default=1)
     bt.add_argument("--train-llm", default="lora", choices=["all", "lora", "none"])
+    bt.add_argument("--lkv", action="store_true", help="also time LKV's recipe (budget 0.3, self-distillation)")
     bt.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on where bf16 is fast here")
     bt.add_argument("--out", default="results/bench")
     bt.set_defaults(func=cmd_bench_train)
