@@ -3,8 +3,10 @@
 # provenance of results/bench/decode.json, prefill.json and train.json. PARTS picks which run
 # (default "decode prefill train"); "profile" also redoes results/bench/decode_profile.* with the
 # command its provenance records. Each part rewrites its result files under results/bench/.
-# decode: 17.8 min on the 2-core CPU of results/bench/decode.json (its `wall_s`); its spkv-adapter
-# rows use the shipped adapter, adapters/smollm2-135m-spkv. Give the benchmarks the machine: other
+# decode: 17.8 min at batch 1 and 8 on the 2-core CPU of results/bench/decode.json (its `wall_s`; batch
+# 16 adds rows, 32k x 16 skipped for memory at --max-kv-gib 12); its spkv-adapter rows use the shipped
+# adapter, adapters/smollm2-135m-spkv. decode-gemma3: Gemma3-270M, whose positions reach 32k, with its
+# shipped adapter, into results/bench/gemma3/. Give the benchmarks the machine: other
 # CPU-bound jobs distort every row. THREADS sets torch threads (default: torch's, as recorded).
 # hybrid: issue 18's exported per-layer hybrid (learned-layer at budget 0.3 on the dense control's
 # weights, exported to runs/export/) against static, window-only and SP-KV's cache at a forced 30%
@@ -17,7 +19,11 @@ for part in ${PARTS:-decode prefill train}; do
   case $part in
     decode)
       .venv/bin/spkv bench decode --model smollm2-135m --adapter adapters/smollm2-135m-spkv \
-          --contexts 1024 4096 8192 16384 32768 --batch-sizes 1 8 --steps 8 --repeats 2 --warmup 2 ;;
+          --contexts 1024 4096 8192 16384 32768 --batch-sizes 1 8 16 --steps 8 --repeats 2 --warmup 2 ;;
+    decode-gemma3)
+      .venv/bin/spkv bench decode --model gemma3-270m --adapter adapters/gemma3-270m-spkv \
+          --caches static spkv-adapter density-25 window-only --contexts 8192 32768 --batch-sizes 1 8 \
+          --steps 8 --repeats 2 --warmup 2 --out results/bench/gemma3 ;;
     prefill)
       .venv/bin/spkv bench prefill --model smollm2-135m --contexts 2048 8192 --batch-sizes 1 --prefill-chunk 1024 --repeats 2 ;;
     train)
@@ -32,6 +38,6 @@ for part in ${PARTS:-decode prefill train}; do
     profile)
       .venv/bin/python scripts/profile_decode.py --contexts 8192 --steps 6 --threads 1 --name decode_profile ;;
     *)
-      echo "bench.sh: unknown part '$part' (decode, prefill, train, hybrid, profile)" >&2; exit 2 ;;
+      echo "bench.sh: unknown part '$part' (decode, decode-gemma3, prefill, train, hybrid, profile)" >&2; exit 2 ;;
   esac
 done
