@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -173,3 +174,11 @@ def merge_by(runs: list[dict[str, Any]], field: str, key: str) -> dict[str, dict
         for entry in run.get(field, []):
             merged.setdefault(entry[key], entry)
     return merged
+
+
+def adapter_digest(adapter: str | os.PathLike) -> str:
+    """sha256 of an adapter's files: a result row is reused only for the very weights it was measured with."""
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter.safetensors"):
+        digest.update((Path(adapter) / name).read_bytes())
+    return digest.hexdigest()

@@ -15,7 +15,7 @@ from spkv.cache import SPKVCache
 from spkv.cli import main
 from spkv.compat import cache_kwarg
 from spkv.data.heldout import HeldoutSet
-from spkv.eval.analysis import analyze, fit_line
+from spkv.eval.analysis import analyze, fit_line, kept_counted
 from spkv.eval.kvzap import (
     fit_kvzap,
     importance_target,
@@ -173,7 +173,7 @@ def test_eval_matched_and_analyze_cli(tmp_path, monkeypatch):
     assert rows["dense control"]["dnll_pct"] == 0.0
     assert (out / "matched.md").exists() and (out / "quality_vs_density.png").exists()
     assert not (out / "matched.partial.json").exists()
-    digest = hashlib.sha256((tmp_path / "control" / "adapter.safetensors").read_bytes()).hexdigest()
+    digest = hashlib.sha256(b"".join((tmp_path / "control" / f).read_bytes() for f in ("adapter_config.json", "adapter.safetensors"))).hexdigest()
     assert regressors_metadata(out / "kvzap_regressors.safetensors")["control_sha256"] == digest
     main(["analyze", "--model", str(path), "--adapter", str(tmp_path / "spkv"), "--documents", "3", "--min-len", "100",
           "--out", str(tmp_path / "analysis")])
@@ -221,7 +221,8 @@ def test_learned_rows_reach_the_target_density_through_the_cache(tmp_path):
     lkv = learned_row(str(path), "lkv", tmp_path / "lkv", data, 0.25, settings)
     assert lkv["knob"] == "r" and abs(lkv["density"] - 0.25) <= 0.02, lkv["calibration"]
     assert lkv["threshold"] != 0.4  # the trained r (0.4) keeps ~40%: it was moved
-    assert lkv["adapter_sha256"] == hashlib.sha256((tmp_path / "lkv" / "adapter.safetensors").read_bytes()).hexdigest()
+    files = (tmp_path / "lkv" / "adapter_config.json").read_bytes() + (tmp_path / "lkv" / "adapter.safetensors").read_bytes()
+    assert lkv["adapter_sha256"] == hashlib.sha256(files).hexdigest()
 
 
 def test_compare_reuses_finished_rows_and_reruns_a_retrained_learned_adapter(tmp_path, monkeypatch):
@@ -232,7 +233,7 @@ def test_compare_reuses_finished_rows_and_reruns_a_retrained_learned_adapter(tmp
     done = {m: {"method": m, "threshold": None, "nll": 2.0, "nll_per_sequence": [2.0], "density": 0.3}
             for m in ("base model", "SP-KV", "dense control")}
     done["lkv"] = {**done["SP-KV"], "method": "lkv", "adapter_sha256": "an older adapter"}
-    done["gate"] = {**done["SP-KV"], "method": "gate", "adapter_sha256": matched._file_digest(tmp_path / "gate")}
+    done["gate"] = {**done["SP-KV"], "method": "gate", "adapter_sha256": matched.adapter_digest(tmp_path / "gate")}
     ran = []
     monkeypatch.setattr(matched, "learned_row", lambda model, label, *a: ran.append(label) or {**done["SP-KV"], "method": label})
     result = matched.compare(str(path), "unused", str(tmp_path / "gate"), 0.5, [], data, MatchSettings(), tmp_path,
@@ -251,10 +252,13 @@ def test_analyze_an_lkv_model_measures_its_cache_and_maps_its_budgets(tmp_path):
     with torch.no_grad():
         for s in scorers(model).values():
             s.budget_logits.normal_()
-    data = _data(2, 300)
+    data = _data(2, 700)  # longer than analyze's prefill chunk (512): two chunks, compared with one prefill
     result = analyze(model, [(d, row.tolist()) for d, row in zip(data.doc_ids, data.input_ids)])
     reference = nll_with_policy(model, data, LKVPolicy(), sinks=0, chunk=1000)  # one prefill per document
     assert torch.allclose(torch.tensor(result["density_per_layer_head"]), torch.tensor(reference.density_per_layer_head).float())
+    ids = data.input_ids[:1]
+    small, whole = kept_counted(model, ids, chunk=37), kept_counted(model, ids, chunk=1000)
+    assert torch.equal(small[0], whole[0]) and torch.equal(small[1], whole[1])
     shares = torch.tensor(result["shares_per_layer_head"])
     assert shares.mean().item() == pytest.approx(0.3, abs=1e-4) and shares.std() > 0.01
     # a head keeps about its share of what left its window (within E = 4 pairs of slack per head)
@@ -263,3 +267,22 @@ def test_analyze_an_lkv_model_measures_its_cache_and_maps_its_budgets(tmp_path):
     beside = {"adapter": "runs/spkv", "density_per_layer_head": result["density_per_layer_head"]}
     paths = plot_analysis(result, tmp_path, beside)
     assert all(p.exists() for p in paths)
+
+
+def test_matched_cli_reuses_only_tables_of_the_same_inputs_and_checks_learned_labels(tmp_path, capsys):
+    from spkv.cli.eval import _learned_args, _same_table
+
+    head = {"model": "m", "adapter": "a", "adapter_sha256": "x", "tau": 0.5, "seq_len": 2048, "doc_ids": ["d0"]}
+    older = {k: v for k, v in head.items() if k != "adapter_sha256"}  # written before the digests were recorded
+    retrained = {**head, "adapter_sha256": "y"}
+    other_len = {**head, "seq_len": 1024}
+    assert _same_table([retrained, other_len, older, head], head, tmp_path) == [older, head]
+    assert "adapter_sha256" in capsys.readouterr().err
+    (tmp_path / "lkv").mkdir()
+    (tmp_path / "lkv" / "adapter_config.json").write_text("{}")
+    assert _learned_args([f"LKV frozen={tmp_path / 'lkv'}"], ["h2o"]) == {"LKV frozen": str(tmp_path / "lkv")}
+    for items, message in (([f"SP-KV={tmp_path / 'lkv'}"], "already a row"), ([f"h2o={tmp_path / 'lkv'}"], "already a row"),
+                           ([f"a={tmp_path / 'lkv'}", f"a={tmp_path / 'lkv'}"], "already a row"),
+                           (["no-folder"], "LABEL=ADAPTER"), ([f"a={tmp_path}"], "no adapter_config.json")):
+        with pytest.raises(SystemExit, match=message):
+            _learned_args(items, ["h2o"])

@@ -182,15 +182,24 @@ def test_gemma3_trains_a_gate_on_its_full_attention_layer_only(tiny_setup, tmp_p
     assert torch.allclose(got, expected, atol=2e-3), (got - expected).abs().max()
 
 
-def test_train_benchmark_smoke(tiny_setup, tmp_path):
+def test_train_benchmark_smoke(tiny_setup, tmp_path, monkeypatch):
     from spkv.bench.train_step import run_train_bench, write_train_bench
 
     result = run_train_bench(model=str(tiny_setup[0]), seq_len=16, steps=2, warmup=0, train_llm="all", bf16=False)
     assert [r["run"] for r in result["rows"]] == ["plain fine-tuning", "SP-KV (soft phase)"]
     assert all(len(r["step_s"]) == 2 and r["median_step_s"] > 0 for r in result["rows"]) and result["spkv_over_plain"] > 0
     assert "SP-KV / plain" in write_train_bench(result, tmp_path).read_text()
-    result = run_train_bench(model=str(tiny_setup[0]), seq_len=16, steps=1, warmup=0, train_llm="all", bf16=False, lkv=True)
-    assert result["rows"][2]["run"].startswith("LKV") and result["lkv_over_plain"] > 0
+    import spkv.bench.train_step as train_step
+
+    teachers = []
+    real = train_step.step_loss
+    monkeypatch.setattr(train_step, "step_loss", lambda cfg, model, teacher, *a, **k: teachers.append(
+        (cfg.method, teacher is not None)) or real(cfg, model, teacher, *a, **k))
+    # longer than the window (128): a frozen LLM learns only through out-of-window pairs
+    result = run_train_bench(model=str(tiny_setup[0]), seq_len=160, steps=1, warmup=0, train_llm="all", bf16=False, lkv=True)
+    lkv = result["rows"][2]
+    assert lkv["run"].startswith("LKV") and lkv["train_llm"] == "none" and lkv["distill"] and result["lkv_over_plain"] > 0
+    assert teachers == [("spkv", False), ("spkv", False), ("lkv", True)]  # only LKV's step runs its teacher
     assert "LKV / plain" in write_train_bench(result, tmp_path).read_text()
 
 

@@ -27,12 +27,15 @@ def cmd_eval_nll(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_matched(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
     from spkv.data.corpus import default_corpus
     from spkv.data.heldout import heldout_set
     from spkv.eval.matched import MatchSettings, compare, matched_markdown, plot_matched
     from spkv.models import load_model
-    from spkv.results import PartialRun, atomic_write_text, merge_by
+    from spkv.results import PartialRun, adapter_digest, atomic_write_text, merge_by
 
+    learned = _learned_args(args.learned or [], args.methods)
     _, tokenizer = load_model(args.model)
     data = heldout_set(tokenizer, seq_len=args.seq_len, max_sequences=args.sequences, corpus=args.heldout)
     kvzap_train = None
@@ -40,40 +43,50 @@ def cmd_eval_matched(args: argparse.Namespace) -> None:
         kvzap_train = heldout_set(tokenizer, seq_len=args.kvzap_seq_len, max_sequences=args.kvzap_sequences,
                                   corpus=default_corpus() / "train.jsonl").input_ids
     out = Path(args.out)
-    run = PartialRun(out, "matched")
-    done = merge_by(_same_table(run.earlier()[:1], args, data.doc_ids), "rows", "method") if args.resume else {}
-    learned = dict(_label_value(item, "--learned") for item in args.learned or [])
     settings = MatchSettings(chunk=args.chunk, calibration_sequences=args.calibration_sequences,
                              exactness_sequences=args.exactness_sequences, exactness_tokens=args.exactness_tokens)
+    # what the table's rows depend on: an earlier run's rows are reused only if it matches
+    head = {"model": args.model, "adapter": args.adapter, "adapter_sha256": adapter_digest(args.adapter),
+            "control": args.control, "control_sha256": adapter_digest(args.control), "tau": args.tau,
+            "seq_len": int(data.input_ids.shape[1]), "doc_ids": data.doc_ids, "settings": asdict(settings)}
+    run = PartialRun(out, "matched")
+    done = merge_by(_same_table(run.earlier(), head, out)[:1], "rows", "method") if args.resume else {}
     result = compare(args.model, args.adapter, args.control, args.tau, args.methods, data, settings, out,
-                     kvzap_train=kvzap_train, done=done, save=run.save, learned=learned)
+                     kvzap_train=kvzap_train, done=done, save=lambda partial: run.save({**head, **partial}), learned=learned)
+    result = {**result, **head}
     atomic_write_text(out / "matched.md", matched_markdown(result))
     plot_matched(result, out)
     run.finish(result)
     print(matched_markdown(result))
 
 
-def _same_table(runs: list[dict], args: argparse.Namespace, doc_ids: list[str]) -> list[dict]:
-    """The earlier run's rows may be reused only for the same model, adapter, control, tau and documents
-    (a partial file holds rows alone: it is always this run's)."""
+def _same_table(runs: list[dict], head: dict, out: Path) -> list[dict]:
+    """The earlier runs (partial, finished) made for the same inputs as `head`. A field an older file
+    lacks (e.g. the digests, recorded since) is not compared."""
     keep = []
     for r in runs:
-        head = (r.get("model"), r.get("adapter"), r.get("control"), r.get("tau"), r.get("doc_ids"))
-        if "model" not in r or head == (args.model, args.adapter, args.control, args.tau, doc_ids):
-            keep.append(r)
+        differ = [k for k, v in head.items() if k in r and r[k] != v]
+        if differ:
+            print(f"note: an earlier table in {out} was made with another {', '.join(differ)}: its rows run again", file=sys.stderr)
         else:
-            print(f"note: {args.out}'s earlier table was made for another model, adapter, control, tau or documents: "
-                  "every row runs again", file=sys.stderr)
+            keep.append(r)
     return keep
 
 
-def _label_value(item: str, flag: str) -> tuple[str, str]:
-    label, sep, value = item.partition("=")
-    if not sep or not label or not value:
-        raise SystemExit(f"{flag} takes LABEL=VALUE (e.g. 'LKV frozen LLM=adapters/lkv/smollm2-135m-lkv-frozen'), got {item!r}")
-    if flag == "--learned" and not (Path(value) / "adapter_config.json").exists():
-        raise SystemExit(f"{flag} {label}: {value} has no adapter_config.json (an adapter folder of spkv train)")
-    return label, value
+def _learned_args(items: list[str], methods: list[str]) -> dict[str, str]:
+    """--learned LABEL=ADAPTER ... -> {label: folder}; labels must be new row names, folders adapters."""
+    taken = {"base model", "SP-KV", "dense control", *methods}
+    learned: dict[str, str] = {}
+    for item in items:
+        label, sep, folder = item.partition("=")
+        if not sep or not label or not folder:
+            raise SystemExit(f"--learned takes LABEL=ADAPTER (e.g. 'LKV, LLM frozen=adapters/lkv/smollm2-135m-lkv-frozen'), got {item!r}")
+        if label in taken or label in learned:
+            raise SystemExit(f"--learned label {label!r} is already a row of the table: give each learned adapter its own label")
+        if not (Path(folder) / "adapter_config.json").exists():
+            raise SystemExit(f"--learned {label}: {folder} has no adapter_config.json (an adapter folder of spkv train)")
+        learned[label] = folder
+    return learned
 
 
 def _max_new_tokens(args: argparse.Namespace) -> int | None:
@@ -164,8 +177,17 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     from spkv.models import load_model
     from spkv.results import atomic_write_text, write_json
 
+    beside = None
+    if args.beside:  # read first: a wrong path should not cost the whole analysis
+        if not Path(args.beside).is_file():
+            raise SystemExit(f"--beside: no analysis file {args.beside} (spkv analyze writes OUT/analysis.json)")
+        beside = json.loads(Path(args.beside).read_text())
+        if beside.get("model") != args.model:
+            raise SystemExit(f"--beside: {args.beside} analyses {beside.get('model')!r}, not {args.model!r}")
     model, tokenizer = load_model(args.model)
     load_adapter(model, args.adapter)
+    if beside is not None and beside.get("layers") != model.spkv_config.layers:
+        raise SystemExit(f"--beside: {args.beside} maps layers {beside.get('layers')}, this adapter gates {model.spkv_config.layers}")
     if args.threshold is not None:
         set_threshold(model, args.threshold)
     if args.budget is not None:
@@ -178,7 +200,6 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     out = Path(args.out)
     write_json(out / "analysis.json", result)
     atomic_write_text(out / "analysis.md", analysis_markdown(result))
-    beside = json.loads(Path(args.beside).read_text()) if args.beside else None
     plot_analysis(result, out, beside)
     print(analysis_markdown(result))
 

@@ -79,7 +79,7 @@ def analyze(model: torch.nn.Module, docs: list[tuple[str, list[int]]]) -> dict[s
         "budget": cfg.lkv.budget, "uniform_budgets": cfg.lkv.uniform,
         "shares_per_layer_head": torch.stack(list(model_shares(model).values())).tolist()}
     return {
-        **extra, "threshold": cfg.threshold, "window": cfg.window, "layers": cfg.layers, "documents": per_doc,
+        **extra, "threshold": cfg.threshold if cfg.lkv is None else None, "window": cfg.window, "layers": cfg.layers, "documents": per_doc,
         "density": float(per_head.mean()), "density_per_layer_head": per_head.tolist(),
         "fit_log2_length": fit_line(lengths, [d["density"] for d in per_doc]),
     }

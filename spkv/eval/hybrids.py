@@ -10,7 +10,6 @@ Every row's density is measured on the documents, not taken from the layout.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 from spkv.data.heldout import HeldoutSet
 from spkv.eval.nll import nll_full_sequence, paired_dnll_stderr
 from spkv.hybrid import HybridLayout, apply_layout
-from spkv.results import finish_dnll_plot, pyplot
+from spkv.results import adapter_digest, finish_dnll_plot, pyplot
 
 
 def layout_label(layout: HybridLayout, kind: str) -> str:
@@ -40,14 +39,6 @@ def trained_layout(adapter: str | Path) -> HybridLayout:
     if not path:
         raise ValueError(f"{adapter} was not trained under a hybrid layout (its train_config has no hybrid_layout).")
     return HybridLayout.load(path)
-
-
-def adapter_digest(adapter: str | Path) -> str:
-    """sha256 of an adapter's files: a row is kept only for the very weights it was measured with."""
-    digest = hashlib.sha256()
-    for name in ("adapter_config.json", "adapter.safetensors"):
-        digest.update((Path(adapter) / name).read_bytes())
-    return digest.hexdigest()
 
 
 # Identity of a row: these must match for an earlier row to be kept; the other identity fields

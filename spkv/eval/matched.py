@@ -3,14 +3,14 @@ calibrated so its density matches SP-KV's, NLL compared on the same held-out doc
 
 SP-KV runs the exact full-sequence hard-phase forward (proven equal to the compressed cache).
 Baselines run on the dense control through the real compressed cache with their scoring policy and
-4 sinks, prefilled in chunks of `chunk` tokens. Write-time policies are exact at any chunk size;
+4 sinks, prefilled in chunks of `chunk` tokens; other learned adapters (learned_row) run on their own
+weights through the same cache with the sinks they were trained with. Write-time policies are exact at any chunk size;
 for the ones that score by attention received, the chunked run is compared with the exact
 token-by-token run on a sample, and that error is part of the result.
 """
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -21,9 +21,10 @@ import torch
 
 from spkv.data.heldout import HeldoutSet
 from spkv.eval.calibrate import UNMATCHED, MatchSettings, calibrate, decides_late
-from spkv.eval.nll import nll_full_sequence, nll_with_policy
+from spkv.eval.nll import NLLResult, nll_full_sequence, nll_with_policy
 from spkv.eval.stats import paired_dnll
 from spkv.policies import POLICIES, ScoringPolicy
+from spkv.results import adapter_digest
 
 
 def matched_row(model: torch.nn.Module, data: HeldoutSet, method: str, target: float, settings: MatchSettings,
@@ -82,16 +83,15 @@ def learned_row(model_name: str, label: str, adapter_dir: str | Path, data: Held
     target / density until it is within the tolerance. Both decide at write time: exact at any chunk,
     with the sinks the adapter was trained with."""
     from spkv.adapter import load_adapter, read_adapter_config
-    from spkv.lkv import set_budget
     from spkv.models import load_model
-    from spkv.policies import LKVPolicy, SPKVPolicy
+    from spkv.policies import SPKVPolicy
 
     model, _ = load_model(model_name)
     load_adapter(model, adapter_dir)
     model.eval()
     config = model.spkv_config
     settings = replace(settings, sinks=config.sinks, chunk=settings.exact_chunk)
-    row: dict[str, Any] = {"method": label, "adapter": str(adapter_dir), "adapter_sha256": _file_digest(adapter_dir),
+    row: dict[str, Any] = {"method": label, "adapter": str(adapter_dir), "adapter_sha256": adapter_digest(adapter_dir),
                            "train_tokens": read_adapter_config(adapter_dir)["metadata"].get("tokens"), "chunk": settings.chunk}
     if config.lkv is None:
         def make(threshold: float) -> SPKVPolicy:
@@ -103,19 +103,37 @@ def learned_row(model_name: str, label: str, adapter_dir: str | Path, data: Held
         row.update(knob="tau", threshold=calib.threshold, calibration={"first": first.summary(), "all": calib.summary()},
                    **asdict(calib.result))
         return row
-    budget, history, best = config.lkv.budget, [], None
-    for _ in range(settings.max_iterations):
+    budget = config.lkv.budget
+    first = _scale_budget(model, data.subset(settings.calibration_sequences), budget, target, settings, f"{label} calibrate")
+    budget, result, history = _scale_budget(model, data, first[0], target, settings, label)
+    row.update(knob="r", threshold=budget, calibration={"first": {"threshold": first[0], "density": first[1].density, "history": first[2]},
+                                                        "all": {"threshold": budget, "density": result.density, "history": history}},
+               **asdict(result))
+    return row
+
+
+def _scale_budget(model: torch.nn.Module, data: HeldoutSet, budget: float, target: float, settings: MatchSettings,
+                  desc: str) -> tuple[float, NLLResult, list[tuple[float, float]]]:
+    """An LKV model's (budget r, its run, history): r scaled by target / density until the density is
+    within the tolerance (density ~ r by construction), or r stops moving (saturated at 1)."""
+    from spkv.lkv import set_budget
+    from spkv.policies import LKVPolicy
+
+    history: list[tuple[float, float]] = []
+    best: tuple[float, NLLResult] | None = None
+    for it in range(max(1, settings.max_iterations)):
         set_budget(model, budget)
-        result = nll_with_policy(model, data, LKVPolicy(), sinks=config.sinks, chunk=settings.chunk, desc=f"{label} r={budget:.3g}")
+        result = nll_with_policy(model, data, LKVPolicy(), sinks=settings.sinks, chunk=settings.chunk,
+                                 desc=f"{desc} #{it} r={budget:.3g}", score=settings.score)
         history.append((budget, result.density))
         if best is None or abs(result.density - target) < abs(best[1].density - target):
             best = (budget, result)
-        if abs(result.density - target) <= settings.tolerance:
+        step = min(1.0, budget * target / max(result.density, 1e-6))
+        if abs(result.density - target) <= settings.tolerance or step == budget:
             break
-        budget = min(1.0, budget * target / max(result.density, 1e-6))
-    row.update(knob="r", threshold=best[0], calibration={"all": {"threshold": best[0], "density": best[1].density, "history": history}},
-               **asdict(best[1]))
-    return row
+        budget = step
+    set_budget(model, best[0])
+    return best[0], best[1], history
 
 
 def compare(model_name: str, adapter: str, control: str, tau: float, methods: list[str], data: HeldoutSet,
@@ -157,11 +175,12 @@ def compare(model_name: str, adapter: str, control: str, tau: float, methods: li
     target = spkv["density"]
     for method in methods:
         if method == "kvzap":
-            run(method, lambda: _kvzap_row(model, data, target, settings, out, kvzap_train, _file_digest(control)))
+            run(method, lambda: _kvzap_row(model, data, target, settings, out, kvzap_train, adapter_digest(control)))
         else:
             run(method, lambda m=method: matched_row(model, data, m, target, settings))
+    model = None  # free the control: each learned row loads its own model
     for label, folder in (learned or {}).items():
-        if label in done and done[label].get("adapter_sha256") != _file_digest(folder):
+        if label in done and done[label].get("adapter_sha256") != adapter_digest(folder):
             del done[label]  # the adapter was retrained since: measure it again
         run(label, lambda lab=label, f=folder: learned_row(model_name, lab, f, data, target, settings))
     ordered = list(rows.values())
@@ -169,15 +188,6 @@ def compare(model_name: str, adapter: str, control: str, tau: float, methods: li
     return {"model": model_name, "adapter": adapter, "control": control, "tau": tau, "target_density": target,
             "seq_len": int(data.input_ids.shape[1]), "sequences": len(data.doc_ids), "doc_ids": data.doc_ids,
             "settings": asdict(settings), "rows": ordered}
-
-
-def _file_digest(adapter_dir: str | Path) -> str:
-    """sha256 of an adapter's weights: which control a KVzap fit belongs to, even if its folder is reused."""
-    digest = hashlib.sha256()
-    with open(Path(adapter_dir) / "adapter.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _kvzap_row(model: torch.nn.Module, data: HeldoutSet, target: float, settings: MatchSettings, out: Path,
