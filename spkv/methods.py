@@ -22,9 +22,12 @@ class Method:
     name: str
     threshold: float | None = None  # None: spkv follows the model's tau; policies their default; lkv: its budget r
     sinks: int | None = None  # None: spkv the model's (0), policies 4, dense 0
+    display: str | None = None  # a label of its own (e.g. a hybrid's layout run as `spkv`)
 
     @property
     def label(self) -> str:
+        if self.display is not None:
+            return self.display
         if self.threshold is None:
             return self.name
         return f"{self.name} ({'r' if self.name == 'lkv' else 'tau'}={self.threshold:g})"

@@ -223,6 +223,33 @@ def test_cli_quick(tmp_path, monkeypatch):
     assert "| random (tau=0.5) | cwe |" in table
 
 
+def test_cli_runs_a_hybrid_layout_under_its_own_label(tmp_path, monkeypatch):
+    """--hybrid-layout: the layout decodes as `spkv` with its constant gates, labelled by the layout;
+    its density is the layout's global share; post-hoc policies are refused beside it."""
+    from transformers import AutoConfig
+
+    from spkv.cli import main
+    from spkv.hybrid import HybridLayout
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_dir = save_tiny_bpe_model(tmp_path / "model")
+    config = AutoConfig.from_pretrained(model_dir)
+    layers, hkv = list(range(config.num_hidden_layers)), config.num_key_value_heads
+    units = [[True] * hkv] + [[False] * hkv] * (len(layers) - 1)  # the first layer global, the others local
+    layout = HybridLayout(model=str(model_dir), layers=layers, units=units, window=128, budget=0.5, design="test")
+    (tmp_path / "layout.json").write_text(layout.to_json())
+    out = tmp_path / "out"
+    base = ["eval", "tasks", "--model", str(model_dir), "--quick", "--lengths", "384", "--tasks", "niah_single",
+            "--hybrid-layout", str(tmp_path / "layout.json"), "--out", str(out)]
+    main(base + ["--methods", "dense", "spkv"])
+    result = json.loads((out / "tasks.json").read_text())
+    assert [m["label"] for m in result["methods"]] == ["dense", "hybrid layout"] and result["hybrid_layout"].endswith("layout.json")
+    density = result["methods"][1]["cells"][0]["density"]
+    assert density == pytest.approx(layout.global_share)
+    with pytest.raises(SystemExit, match="dense and spkv"):
+        main(base + ["--methods", "dense", "h2o"])
+
+
 def test_tasks_markdown_summary_rows():
     """Per length and over all cells: mean score (with its interval), density, retention vs dense."""
     def run(label, cells):

@@ -99,7 +99,15 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
 
     references = _task_references(args.reference)
     methods = runner.parse_methods(args.methods, args.method_thresholds, calibrated=args.match_density is not None)
-    model, tokenizer = load_model_args(argparse.Namespace(model=args.model, adapter=args.adapter, threshold=None))
+    model, tokenizer = load_model_args(argparse.Namespace(model=args.model, adapter=args.adapter, threshold=None,
+                                                          hybrid_layout=args.hybrid_layout))
+    if args.hybrid_layout:  # the layout decodes as `spkv` (its constant gates): say which layout it is
+        if set(args.methods) - {"dense", "spkv"}:
+            raise SystemExit("With --hybrid-layout, --methods takes dense and spkv (the hybrid); run the post-hoc "
+                             "policies on the control without a layout.")
+        from dataclasses import replace
+
+        methods = [replace(m, display=f"hybrid {Path(args.hybrid_layout).stem}") if m.name == "spkv" else m for m in methods]
     out = Path(args.out)
     config = runner.TaskConfig(haystack=args.haystack, corpus=args.heldout, answer_prefix=args.answer_prefix)
     tasks, max_new = args.tasks or list(runner.TASKS), _max_new_tokens(args)
@@ -111,7 +119,8 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
             max_new_tokens=max_new, heldout=args.heldout, sequences=args.calibration_sequences, resume=args.resume)
         methods = runner.with_calibration(methods, calibration)
     run = PartialRun(out, "tasks")
-    head = {"model": args.model, "adapter": args.adapter, "calibration": calibration, "references": args.reference or []}
+    head = {"model": args.model, "adapter": args.adapter, "hybrid_layout": args.hybrid_layout, "calibration": calibration,
+            "references": args.reference or []}
     result = runner.run_methods(
         model, tokenizer, methods, lengths=args.lengths or ([512] if args.quick else runner.DEFAULT_LENGTHS),
         tasks=tasks, samples_per_cell=args.samples or (1 if args.quick else 4), seed=args.seed,
@@ -239,6 +248,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     et = esub.add_parser("tasks", help="RULER-style long-context tasks (needles, variable tracking, word extraction) per method")
     et.add_argument("--model", default="smollm2-135m")
     et.add_argument("--adapter", help="SP-KV adapter (without one the predictors are untrained and keep almost every pair)")
+    et.add_argument("--hybrid-layout", help="run this hybrid layout (spkv hybrid design) on the adapter's weights (e.g. the "
+                    "dense control's) as method spkv")
     et.add_argument("--lengths", type=int, nargs="+", help="target lengths in tokens (default 1024 2048 4096 8192; --quick 512); "
                     "lengths beyond the model's positions are skipped")
     et.add_argument("--tasks", nargs="+", help="default: all of niah_single niah_multikey niah_multivalue niah_multiquery vt cwe fwe")
