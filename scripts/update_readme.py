@@ -122,7 +122,8 @@ def headline_block(target: Path) -> str:
         return f"_No result yet: `{MATCHED}` or `{DECODE}` has not been produced._"
     rows = {r["method"]: r for r in matched["rows"]}
     spkv = rows["SP-KV"]
-    baselines = [r for r in matched["rows"] if r.get("calibration")]  # the post-hoc baselines calibrated to SP-KV's density
+    # the post-hoc baselines calibrated to SP-KV's density (learned rows carry a knob: tau or r)
+    baselines = [r for r in matched["rows"] if r.get("calibration") and not r.get("knob")]
     best = min(baselines, key=lambda r: r["dnll_pct"])
     setting = (f"{matched['model']}, {matched['seq_len']} tokens, {matched['sequences']} held-out documents; "
                f"SP-KV at tau {spkv['threshold']:g}, density {_pct(spkv['density'])}")
