@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from spkv.bench.common import chunked_prefill
 from spkv.cache import SPKVCache
-from spkv.compat import CACHE_ARG
 from spkv.data.heldout import tokenized_heldout
 from spkv.density import forward_with_density, mean_density
 from spkv.results import pyplot, save_figure
@@ -54,8 +54,7 @@ def kept_counted(model: torch.nn.Module, ids: torch.Tensor, chunk: int = 512) ->
         _, kept, counted = forward_with_density(model, ids)
         return kept, counted
     cache = SPKVCache(model)
-    for s in range(0, ids.shape[1], chunk):
-        model(input_ids=ids[:, s : s + chunk], **{CACHE_ARG: cache}, logits_to_keep=1)
+    chunked_prefill(model, cache, ids, chunk)
     stats = cache_stats(cache)
     return stats.kept.sum(1).float(), stats.decided.sum(1).float()
 
@@ -85,11 +84,14 @@ def analyze(model: torch.nn.Module, docs: list[tuple[str, list[int]]]) -> dict[s
     }
 
 
+def _operating_point(result: dict[str, Any]) -> str:
+    return f"LKV budget r {result['budget']:g}" if "budget" in result else f"tau {result['threshold']:g}"
+
+
 def analysis_markdown(result: dict[str, Any]) -> str:
     fit = result["fit_log2_length"]
-    at = f"LKV budget r {result['budget']:g}" if "budget" in result else f"tau {result['threshold']:g}"
     lines = [
-        f"Density of {result['model']} + `{result['adapter']}` at {at} (window {result['window']}), "
+        f"Density of {result['model']} + `{result['adapter']}` at {_operating_point(result)} (window {result['window']}), "
         f"{len(result['documents'])} held-out documents, each at its own length.",
         "",
         f"- Pooled density (mean over layers x KV heads): **{100 * result['density']:.1f}%**.",
@@ -128,8 +130,7 @@ def plot_analysis(result: dict[str, Any], out: Path, beside: dict[str, Any] | No
     """density_heatmap.png (layer x KV head; an LKV model's learned shares next to it, and `beside`,
     another analysis.json's result, e.g. SP-KV's map) and density_vs_length.png (per document + fit)."""
     plt = pyplot()
-    at = f"LKV r {result['budget']:g}" if "budget" in result else f"tau {result['threshold']:g}"
-    grids = {f"kept out-of-window pairs (%), {at}": result["density_per_layer_head"]}
+    grids = {f"kept out-of-window pairs (%), {_operating_point(result)}": result["density_per_layer_head"]}
     if "shares_per_layer_head" in result:
         grids[f"learned budget (share, %), r {result['budget']:g}"] = result["shares_per_layer_head"]
     if beside is not None:

@@ -11,6 +11,7 @@ token-by-token run on a sample, and that error is part of the result.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -20,11 +21,19 @@ from typing import Any
 import torch
 
 from spkv.data.heldout import HeldoutSet
-from spkv.eval.calibrate import UNMATCHED, MatchSettings, calibrate, decides_late
-from spkv.eval.nll import NLLResult, nll_full_sequence, nll_with_policy
+from spkv.eval.calibrate import UNMATCHED, Calibration, MatchSettings, calibrate, decides_late
+from spkv.eval.nll import nll_full_sequence, nll_with_policy
 from spkv.eval.stats import paired_dnll
 from spkv.policies import POLICIES, ScoringPolicy
 from spkv.results import adapter_digest
+
+
+def first_then_all(fit: Callable[[HeldoutSet, float], Calibration], data: HeldoutSet, start: float,
+                   settings: MatchSettings) -> tuple[Calibration, Calibration]:
+    """A first estimate on the calibration documents, then on all of them starting from it (usually
+    one run): `fit(documents, start)` is calibrate for a threshold or _scale_budget for LKV's r."""
+    first = fit(data.subset(settings.calibration_sequences), start)
+    return first, fit(data, first.threshold)
 
 
 def matched_row(model: torch.nn.Module, data: HeldoutSet, method: str, target: float, settings: MatchSettings,
@@ -44,9 +53,8 @@ def matched_row(model: torch.nn.Module, data: HeldoutSet, method: str, target: f
         result = nll_with_policy(model, data, make(0.0), sinks=settings.sinks, chunk=chunk, desc=method)
         row.update(threshold=None, calibration=None, **asdict(result))
         return row
-    # a first estimate on a few documents, then on all of them starting from it (usually one run)
-    first = calibrate(model, data.subset(settings.calibration_sequences), make, target, settings, desc=f"{method} calibrate")
-    calib = calibrate(model, data, make, target, settings, desc=method, start=first.threshold)
+    first, calib = first_then_all(lambda docs, start: calibrate(model, docs, make, target, settings, desc=method, start=start),
+                                  data, -math.inf, settings)
     threshold = calib.threshold
     row.update(threshold=threshold, calibration={"first": first.summary(), "all": calib.summary()}, **asdict(calib.result))
     if decides_late(cls) and chunk > 1 and settings.exactness_sequences:
@@ -97,43 +105,44 @@ def learned_row(model_name: str, label: str, adapter_dir: str | Path, data: Held
         def make(threshold: float) -> SPKVPolicy:
             return SPKVPolicy(threshold=threshold)
 
-        first = calibrate(model, data.subset(settings.calibration_sequences), make, target, settings,
-                          desc=f"{label} calibrate", start=config.threshold)
-        calib = calibrate(model, data, make, target, settings, desc=label, start=first.threshold)
-        row.update(knob="tau", threshold=calib.threshold, calibration={"first": first.summary(), "all": calib.summary()},
-                   **asdict(calib.result))
-        return row
-    budget = config.lkv.budget
-    first = _scale_budget(model, data.subset(settings.calibration_sequences), budget, target, settings, f"{label} calibrate")
-    budget, result, history = _scale_budget(model, data, first[0], target, settings, label)
-    row.update(knob="r", threshold=budget, calibration={"first": {"threshold": first[0], "density": first[1].density, "history": first[2]},
-                                                        "all": {"threshold": budget, "density": result.density, "history": history}},
-               **asdict(result))
+        knob, start = "tau", config.threshold
+
+        def fit(docs: HeldoutSet, start: float) -> Calibration:
+            return calibrate(model, docs, make, target, settings, desc=label, start=start)
+    else:
+        knob, start = "r", config.lkv.budget
+
+        def fit(docs: HeldoutSet, start: float) -> Calibration:
+            return _scale_budget(model, docs, start, target, settings, desc=label)
+    first, calib = first_then_all(fit, data, start, settings)
+    row.update(knob=knob, threshold=calib.threshold, calibration={"first": first.summary(), "all": calib.summary()},
+               **asdict(calib.result))
     return row
 
 
 def _scale_budget(model: torch.nn.Module, data: HeldoutSet, budget: float, target: float, settings: MatchSettings,
-                  desc: str) -> tuple[float, NLLResult, list[tuple[float, float]]]:
-    """An LKV model's (budget r, its run, history): r scaled by target / density until the density is
-    within the tolerance (density ~ r by construction), or r stops moving (saturated at 1)."""
+                  desc: str) -> Calibration:
+    """An LKV model's budget r at the target density: r scaled by target / density until the density
+    is within the tolerance (density ~ r by construction), or r stops moving (saturated at 1). The
+    model is left at the best r."""
     from spkv.lkv import set_budget
     from spkv.policies import LKVPolicy
 
     history: list[tuple[float, float]] = []
-    best: tuple[float, NLLResult] | None = None
+    best: Calibration | None = None
     for it in range(max(1, settings.max_iterations)):
         set_budget(model, budget)
         result = nll_with_policy(model, data, LKVPolicy(), sinks=settings.sinks, chunk=settings.chunk,
                                  desc=f"{desc} #{it} r={budget:.3g}", score=settings.score)
         history.append((budget, result.density))
-        if best is None or abs(result.density - target) < abs(best[1].density - target):
-            best = (budget, result)
+        if best is None or abs(result.density - target) < abs(best.density - target):
+            best = Calibration(budget, result.density, history, result)
         step = min(1.0, budget * target / max(result.density, 1e-6))
         if abs(result.density - target) <= settings.tolerance or step == budget:
             break
         budget = step
-    set_budget(model, best[0])
-    return best[0], best[1], history
+    set_budget(model, best.threshold)
+    return best
 
 
 def compare(model_name: str, adapter: str, control: str, tau: float, methods: list[str], data: HeldoutSet,
