@@ -20,11 +20,11 @@ for part in ${PARTS:-decode prefill train}; do
   case $part in
     decode)
       .venv/bin/spkv bench decode --model smollm2-135m --adapter adapters/smollm2-135m-spkv \
-          --contexts 1024 4096 8192 16384 32768 --batch-sizes 1 8 16 --steps 8 --repeats 2 --warmup 2 ;;
+          --contexts 1024 4096 8192 16384 32768 --batch-sizes 1 8 16 --steps 16 --repeats 2 --warmup 2 ;;
     decode-gemma3)
       .venv/bin/spkv bench decode --model gemma3-270m --adapter adapters/gemma3-270m-spkv \
           --caches static spkv-adapter density-25 window-only --contexts 8192 32768 --batch-sizes 1 8 \
-          --steps 8 --repeats 2 --warmup 2 --out results/bench/gemma3 ;;
+          --steps 16 --repeats 2 --warmup 2 --out results/bench/gemma3 ;;
     prefill)
       .venv/bin/spkv bench prefill --model smollm2-135m --contexts 2048 8192 --batch-sizes 1 --prefill-chunk 1024 --repeats 2 ;;
     prefill-lkv)
@@ -40,7 +40,7 @@ for part in ${PARTS:-decode prefill train}; do
           --out runs/export/smollm2-learned-layer-0.3
       .venv/bin/spkv bench decode --model smollm2-135m --caches static window-only export-sliding hybrid-export density-30 \
           --hybrid-export runs/export/smollm2-learned-layer-0.3 --contexts 8192 16384 32768 --batch-sizes 8 \
-          --steps 8 --repeats 2 --warmup 2 --out results/bench/hybrid ;;
+          --steps 16 --repeats 2 --warmup 2 --out results/bench/hybrid ;;
     profile)
       .venv/bin/python scripts/profile_decode.py --contexts 8192 --steps 6 --threads 1 --name decode_profile ;;
     *)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -55,6 +56,8 @@ def test_decode_quick_rows_and_files(decode_result):
                     "kv_bytes_read", "weight_bytes_read", "predicted_ms", "measured_over_predicted", "rss_peak_so_far_mib"):
             assert r[key] > 0, (r["cache"], key, r[key])
         assert len(r["step_ms_repeat_means"]) == quick["repeats"]
+        # mean steps, not the median step, so the step that takes the batched window exits is counted
+        assert r["step_ms"] == pytest.approx(statistics.median(r["step_ms_repeat_means"]))
         assert r["kv_bytes_read"] <= r["kv_bytes_held"]
     assert all(r["speedup_vs_static"] == 1.0 for r in _ok_rows(result, "static"))
     assert "| density-25 |" in (out / "decode.md").read_text()
