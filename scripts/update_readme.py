@@ -35,7 +35,12 @@ BLOCKS = {
     "tasks_spkv": ("results/tasks/gemma3-spkv/tasks.md", "results/tasks/gemma3-spkv/tasks.json"),
     "core": ("results/core/core_report.md", "results/core/core_report.json"),
     "decode": ("results/bench/decode.md", "results/bench/decode.json"),
+    "decode_gemma3": ("results/bench/gemma3/decode.md", "results/bench/gemma3/decode.json"),
+    "decode_hybrid": ("results/bench/hybrid/decode.md", "results/bench/hybrid/decode.json"),
+    **{name: (f"results/bench/decode_steps/{name}.md", f"results/bench/decode_steps/{name}.json")
+       for name in ("decode_steps_16k_b16", "decode_steps_16k", "decode_steps_16k_before")},
     "prefill": ("results/bench/prefill.md", "results/bench/prefill.json"),
+    "prefill_lkv": ("results/bench/lkv/prefill.md", "results/bench/lkv/prefill.json"),
     "train_step": ("results/bench/train.md", "results/bench/train.json"),
 }
 
@@ -146,7 +151,7 @@ def headline_block(target: Path) -> str:
         if not (sp and st):
             continue
         dynamic = f"; dynamic cache: {dy['step_ms']:.2f}" if dy else ""
-        lines.append(f"| decode step (ms, median) | context {ctx}, batch {batch}, density {_pct(sp['density'])} | "
+        lines.append(f"| decode step (ms) | context {ctx}, batch {batch}, density {_pct(sp['density'])} | "
                      f"{sp['step_ms']:.2f} | static full cache: {st['step_ms']:.2f}{dynamic} | "
                      f"speed-up {sp['speedup_vs_static']:.2f}x |")
     machine = decode.get("provenance", {}).get("machine", {})
