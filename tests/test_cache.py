@@ -20,6 +20,7 @@ from spkv.policies import (
     SPKVPolicy,
     StreamingLLM,
 )
+from spkv.store import PagedStore
 
 from .tiny_models import FAMILIES, assert_close_on_real_tokens, batch, logits, randomize_gates, tiny_model
 
@@ -162,12 +163,9 @@ def test_long_prefill_memory_is_bounded_by_kept_window_and_chunk():
     assert 0.07 < stats.density < 0.13
 
 
-
 def test_store_growth_leaves_slack_after_a_large_append():
     """A prefill chunk larger than the pool's ~3% growth must not leave the pool exactly full: the
     first decode exits would then copy the whole pool again (one copy per layer in one step)."""
-    from spkv.store import PagedStore
-
     store = PagedStore(heads=2, head_dim=4, dtype=torch.float32, device=torch.device("cpu"), page=4)
     keys = torch.randn(2, 512, 4)
     store.append(torch.ones(2, 512, dtype=torch.bool), keys, keys, torch.arange(512))
@@ -180,6 +178,7 @@ def test_store_growth_leaves_slack_after_a_large_append():
     assert store.k.data_ptr() == pool, "the small appends after the large one copied the pool"
     k, _ = store.get(1)
     assert torch.equal(k[:512], keys[1]) and k.shape[0] == 512 + steps
+
 
 def test_cache_errors():
     model = tiny_model("llama", max_position_embeddings=64)
