@@ -57,7 +57,7 @@ class PagedStore:
         """Room for `pages` pages; when full, one copy of the pool into room for ~3% more than asked.
         The slack goes on top of what is asked, not of the old capacity: after a prefill chunk larger
         than 3% of the pool the pool is otherwise exactly full, and the first decode exit copies it again
-        (it was 650 ms, 30 pool copies, in one step at 16k x 8)."""
+        (one copy per layer in one step: results/bench/decode_steps/decode_steps_16k_before.md)."""
         capacity = self.k.shape[0]
         if pages <= capacity:
             return
