@@ -138,8 +138,11 @@ def eviction_times(scores: torch.Tensor, shares: torch.Tensor, window: int, ever
 
 def rotary_invariant_features(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """keys, values [..., D] -> [..., D/2 + D]: |(k_i, k_{i+D/2})| for each rotary pair, then v."""
-    d = keys.shape[-1]
-    half = keys.float().unflatten(-1, (2, d // 2)).norm(dim=-2)
+    k = keys.float()
+    d = k.shape[-1] // 2
+    # sqrt(a^2 + b^2) on the two halves: a norm over an unflattened middle dimension is ~15x slower on
+    # CPU (a strided reduction), and the clamp keeps the gradient finite at a zero pair.
+    half = (k[..., :d].square() + k[..., d:].square()).clamp_min(torch.finfo(torch.float32).tiny).sqrt()
     return torch.cat([half, values.float()], -1)
 
 
@@ -165,8 +168,8 @@ class TokenScorer(nn.Module):
     def forward(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """keys, values [B, Hkv, n, D] -> scores [B, n, Hkv] (the layout of SP-KV's gate logits)."""
         x = rotary_invariant_features(keys, values).to(self.w1.dtype)  # [B, Hkv, n, F]
-        h = F.silu(torch.einsum("bhnf,hfk->bhnk", x, self.w1) + self.b1[:, None])
-        return (torch.einsum("bhnk,hk->bhn", h, self.w2) + self.b2[:, None]).transpose(1, 2)
+        h = F.silu(torch.matmul(x, self.w1).add_(self.b1[:, None]))  # [B, Hkv, n, hidden]: one batched GEMM
+        return (torch.matmul(h, self.w2.unsqueeze(-1)).squeeze(-1) + self.b2[:, None]).transpose(1, 2)
 
 
 def scorers(model: nn.Module) -> dict[int, TokenScorer]:

@@ -11,7 +11,7 @@ import torch
 import spkv
 from spkv.compat import cache_kwarg
 from spkv.config import LKVConfig, SPKVConfig
-from spkv.lkv import NEVER, RESOLUTION, eviction_times, head_shares, scorers, set_budget, soft_topk
+from spkv.lkv import NEVER, RESOLUTION, eviction_times, head_shares, rotary_invariant_features, scorers, set_budget, soft_topk
 from spkv.policies import KeyNorm, LKVPolicy
 from spkv.train.config import TrainConfig
 
@@ -56,6 +56,25 @@ def visibility_from_times(death, window, valid):
     b, hkv, t = death.shape
     return [[[{s for s in range(q + 1) if valid[bi, s] and (q - s < window or q < death[bi, hi, s])} for q in range(t)]
              for hi in range(hkv)] for bi in range(b)]
+
+
+def test_scorer_features_are_rotary_pair_norms_and_ignore_the_position():
+    """Brute force: |(k_i, k_{i+D/2})| one pair at a time; a rotate-half rotation leaves them unchanged;
+    a zero pair keeps a finite gradient."""
+    torch.manual_seed(0)
+    keys, values = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
+    feats = rotary_invariant_features(keys, values)
+    ref = torch.stack([torch.tensor([keys[b, h, n, i].hypot(keys[b, h, n, i + 4]) for i in range(4)])
+                       for b in range(2) for h in range(3) for n in range(5)]).view(2, 3, 5, 4)
+    torch.testing.assert_close(feats[..., :4], ref)
+    torch.testing.assert_close(feats[..., 4:], values)
+    angle = torch.rand(4) * 6.28  # one rotation per pair of dimensions, as RoPE applies at some position
+    a, b = keys[..., :4], keys[..., 4:]
+    rotated = torch.cat([a * angle.cos() - b * angle.sin(), b * angle.cos() + a * angle.sin()], -1)
+    torch.testing.assert_close(rotary_invariant_features(rotated, values), feats)
+    zero = torch.zeros(1, 1, 1, 8, requires_grad=True)
+    rotary_invariant_features(zero, values[:1, :1, :1]).sum().backward()
+    assert torch.isfinite(zero.grad).all()
 
 
 def test_head_shares_average_to_the_budget_and_pass_gradients():
