@@ -14,6 +14,7 @@ Run: .venv/bin/python scripts/decode_steps.py --context 16384 --batch 8 --name d
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -29,7 +30,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--context", type=int, default=16384)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--caches", nargs="+", default=["density-25", "window-only", "static"])
-    parser.add_argument("--steps", type=int, default=48, help="timed steps per cache (3 exit periods by default)")
+    parser.add_argument("--steps", type=int, default=48, help="timed steps per cache and round (3 exit periods by default)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds of --steps steps per cache, the caches taking turns (all filled first)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--code", default=str(ROOT), help="the spkv checkout to measure (default: this one)")
@@ -43,31 +46,66 @@ def decided(cache: Any) -> int:
     return sum(int(layer.decided.sum()) for layer in getattr(cache, "layers", []) if hasattr(layer, "decided"))
 
 
-def run_cache(pool: Any, name: str, context: int, batch: int, warmup: int, steps: int) -> dict[str, Any]:
-    import torch
-
+def fill(pool: Any, name: str, context: int, batch: int, total_steps: int) -> dict[str, Any]:
+    """A cache of the bench's `name`, synthetically filled with `context` tokens, ready to decode."""
     from spkv.bench import common, decode
-    from spkv.compat import CACHE_ARG
 
     spec = decode.parse_cache(name)
     model = pool.get(spec.variant)
-    cache = decode.make_cache(spec, model, context + warmup + steps + 1)
+    cache = decode.make_cache(spec, model, context + total_steps + 1)
     token = common.synthetic_fill(model, cache, batch, context, 1024)
-    times, exits = [], []
+    return {"cache": name, "model": model, "kv": cache, "token": token, "step_ms": [], "exit_step": [], "page_faults": []}
+
+
+def run_steps(state: dict[str, Any], steps: int, timed: bool) -> None:
+    """`steps` consecutive decode steps of one filled cache, each timed, its exits and page faults noted."""
+    import torch
+
+    from spkv.compat import CACHE_ARG
+
+    model, cache, token = state["model"], state["kv"], state["token"]
     with torch.no_grad():
-        for i in range(warmup + steps):
-            before = decided(cache)
+        for _ in range(steps):
+            before, faulted = decided(cache), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             token = model(input_ids=token, **{CACHE_ARG: cache}, use_cache=True).logits[:, -1:].argmax(-1)
             elapsed = time.perf_counter() - start
-            if i >= warmup:
-                times.append(1e3 * elapsed)
-                exits.append(decided(cache) != before)
+            if timed:
+                state["step_ms"].append(1e3 * elapsed)
+                state["exit_step"].append(decided(cache) != before)
+                state["page_faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted)
+    state["token"] = token
+
+
+def summary(state: dict[str, Any], rounds: int) -> dict[str, Any]:
+    times, exits = state["step_ms"], state["exit_step"]
+    per_round = len(times) // rounds
     plain = [t for t, e in zip(times, exits) if not e]
     taken = [t for t, e in zip(times, exits) if e]
-    return {"cache": name, "step_ms": times, "exit_step": exits, "mean_ms": statistics.fmean(times),
-            "median_ms": statistics.median(times), "plain_step_mean_ms": statistics.fmean(plain) if plain else None,
+    return {"cache": state["cache"], "step_ms": times, "exit_step": exits, "page_faults": state["page_faults"],
+            "round_mean_ms": [statistics.fmean(times[r * per_round:(r + 1) * per_round]) for r in range(rounds)],
+            "mean_ms": statistics.fmean(times), "median_ms": statistics.median(times),
+            "plain_step_mean_ms": statistics.fmean(plain) if plain else None,
             "exit_step_mean_ms": statistics.fmean(taken) if taken else None, "exit_steps": len(taken)}
+
+
+def ideal_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per density-P row: measured / ideal proportional in each round, ideal = window-only + P/100 x
+    (static - window-only) from the same round (the decode benchmark's column, here drift-free)."""
+    by = {r["cache"]: r for r in rows}
+    if "static" not in by or "window-only" not in by:
+        return []
+    out = []
+    for name, row in by.items():
+        if not name.startswith("density-"):
+            continue
+        share = float(name.split("-", 1)[1]) / 100
+        ratios = [m / (w + share * (st - w)) for m, w, st in
+                  zip(row["round_mean_ms"], by["window-only"]["round_mean_ms"], by["static"]["round_mean_ms"])]
+        speedups = [st / m for m, st in zip(row["round_mean_ms"], by["static"]["round_mean_ms"])]
+        out.append({"cache": name, "measured_over_ideal": ratios, "median_measured_over_ideal": statistics.median(ratios),
+                    "vs_static": speedups, "median_vs_static": statistics.median(speedups)})
+    return out
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -75,16 +113,30 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"# Decode steps one by one: {result['model']} (fp32), context {result['context']} x batch {result['batch']}",
              "", f"command: `{p['command']}`; measured code: commit `{p['commit'][:12]}`; torch threads "
              f"{result['threads']}; {p['date']}", "",
+             f"{result.get('rounds', 1)} round(s) of {result.get('steps', '?')} steps per cache after "
+             f"{result.get('warmup', '?')} warmup steps; all caches filled first, then taking turns round by round.", "",
              "| cache | mean step ms | median step ms | ordinary steps, mean ms | exit steps (count), mean ms |",
              "| --- | --- | --- | --- | --- |"]
     for row in result["rows"]:
         plain = "" if row["plain_step_mean_ms"] is None else f"{row['plain_step_mean_ms']:.1f}"
         taken = "" if row["exit_step_mean_ms"] is None else f"({row['exit_steps']}) {row['exit_step_mean_ms']:.1f}"
         lines.append(f"| {row['cache']} | {row['mean_ms']:.1f} | {row['median_ms']:.1f} | {plain} | {taken} |")
+    if result.get("ideal"):
+        lines += ["", "Measured / ideal proportional (ideal = window-only + P/100 x (static - window-only)) and speed-up "
+                  "over static, each from one round's means:", "",
+                  "| cache | measured / ideal per round | median | vs static per round | median |", "| --- | --- | --- | --- | --- |"]
+        for row in result["ideal"]:
+            lines.append(f"| {row['cache']} | {' '.join(f'{x:.2f}' for x in row['measured_over_ideal'])} | "
+                         f"{row['median_measured_over_ideal']:.2f} | {' '.join(f'{x:.2f}' for x in row['vs_static'])} | "
+                         f"{row['median_vs_static']:.2f} |")
     lines += ["", "Every step in order (ms; * marks a step that took window exits):", ""]
     for row in result["rows"]:
         steps = " ".join(f"{t:.0f}{'*' if e else ''}" for t, e in zip(row["step_ms"], row["exit_step"]))
         lines.append(f"- {row['cache']}: {steps}")
+    lines += ["", "Minor page faults of each step (the kernel mapping fresh memory: large temporaries that the "
+              "allocator takes from and returns to the system every step):", ""]
+    for row in result["rows"]:
+        lines.append(f"- {row['cache']}: {' '.join(str(f) for f in row.get('page_faults', []))}")
     return "\n".join(lines) + "\n"
 
 
@@ -99,12 +151,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     pool = common.ModelPool(args.model, torch.float32, window=128, adapter=None)
-    rows = []
-    for name in args.caches:
-        rows.append(run_cache(pool, name, args.context, args.batch, args.warmup, args.steps))
-        print(f"{name}: mean {rows[-1]['mean_ms']:.1f} ms", file=sys.stderr, flush=True)
+    total = args.warmup + args.steps * args.rounds
+    states = [fill(pool, name, args.context, args.batch, total) for name in args.caches]
+    for state in states:
+        run_steps(state, args.warmup, timed=False)
+    for r in range(args.rounds):  # round-robin: host drift moves every cache's round alike
+        for state in states:
+            run_steps(state, args.steps, timed=True)
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{st['cache']} {statistics.fmean(st['step_ms'][-args.steps:]):.0f} ms"
+                                                         for st in states), file=sys.stderr, flush=True)
+    rows = [summary(state, args.rounds) for state in states]
     result = {"model": args.model, "context": args.context, "batch": args.batch, "threads": torch.get_num_threads(),
-              "code": str(Path(args.code).resolve()), "rows": rows, "provenance": provenance()}
+              "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
+              "code": str(Path(args.code).resolve()), "rows": rows, "ideal": ideal_ratios(rows), "provenance": provenance()}
     text = markdown(result)
     write_json(Path(args.out) / f"{args.name}.json", result)
     atomic_write_text(Path(args.out) / f"{args.name}.md", text)
