@@ -125,6 +125,16 @@ def test_prefill_quick(tmp_path):
     assert all(o["keep_all_overhead"] is not None and o["predictors_fraction"] > 0 for o in result["overhead"])
 
 
+def test_prefill_configs_time_only_the_rows_asked_for(tmp_path):
+    main(["bench", "prefill", "--quick", "--contexts", "64", "--configs", "dynamic", "predictors-only", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "prefill.json").read_text())
+    assert [r["config"] for r in result["rows"]] == ["dynamic", "predictors-only"]
+    assert result["overhead"][0]["keep_all_overhead"] is None and result["overhead"][0]["predictors_fraction"] > 0
+    for bad in (["spkv"], ["dynamic", "sdpa"]):
+        with pytest.raises(SystemExit, match="choose from"):
+            main(["bench", "prefill", "--quick", "--configs", *bad, "--out", str(tmp_path)])
+
+
 def test_prefill_of_an_lkv_adapter_reports_its_scorer_and_its_bytes_against_the_budget(tmp_path):
     """LKV rows: keep-all is budget 1 (density 1), the scorers time alone, and the bytes in use stay
     within what the budget allows plus E = exit_every pairs per head (the cut's slack)."""

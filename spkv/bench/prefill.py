@@ -36,6 +36,9 @@ from spkv.convert import predictors
 from spkv.policies import KeepAll, SPKVPolicy
 from spkv.results import atomic_write_text, provenance, write_json
 
+# config -> (model variant, cache policy); "predictors-only" times the predictors alone.
+PREFILL_CONFIGS = ("dynamic", "spkv", "spkv-keep-all", "predictors-only")
+
 
 @dataclass
 class PrefillSettings:
@@ -50,13 +53,10 @@ class PrefillSettings:
     dtype: str = "float32"
     threads: int | None = None  # torch threads (None: torch's default)
     out: str = "results/bench"
+    configs: list[str] = field(default_factory=lambda: list(PREFILL_CONFIGS))  # "dynamic" always: the reference
 
 
 QUICK_PREFILL = dict(model=TINY, contexts=[64, 160], batch_sizes=[1], prefill_chunk=64, repeats=2, window=16, threads=1)
-
-# config -> (model variant, cache policy); "predictors-only" times the predictors alone.
-PREFILL_CONFIGS = ("dynamic", "spkv", "spkv-keep-all", "predictors-only")
-
 
 @dataclass
 class PrefillRow:
@@ -125,7 +125,7 @@ def _prefill_once(config: str, pool: ModelPool, ids: torch.Tensor, chunk: int) -
 
 def prefill_rows(s: PrefillSettings, pool: ModelPool, context: int, batch: int) -> list[PrefillRow]:
     """All configs at one (context, batch); repeats interleave the configs so drift hits each alike."""
-    rows = {c: PrefillRow(c, context, batch) for c in PREFILL_CONFIGS}
+    rows = {c: PrefillRow(c, context, batch) for c in PREFILL_CONFIGS if c in s.configs}
     base = pool.get("base")
     element = next(base.parameters()).element_size()
     full = predicted_kv_bytes(base.config, context, batch, element)
@@ -135,7 +135,7 @@ def prefill_rows(s: PrefillSettings, pool: ModelPool, context: int, batch: int) 
         return list(rows.values())
     ids, source = pool.prompt(context, batch)
     beyond = context > (getattr(base.config, "max_position_embeddings", None) or math.inf)
-    for config in PREFILL_CONFIGS:  # untimed warmup: one chunk each (first-call allocations, lazy init)
+    for config in rows:  # untimed warmup: one chunk each (first-call allocations, lazy init)
         try:
             _prefill_once(config, pool, ids[:, :s.prefill_chunk], s.prefill_chunk)
         except Exception as error:
@@ -168,14 +168,17 @@ def prefill_rows(s: PrefillSettings, pool: ModelPool, context: int, batch: int) 
     for row in rows.values():
         if row.status == "ok" and dyn.status == "ok":
             row.time_vs_dynamic = row.seconds / dyn.seconds
-    rows["spkv-keep-all"].note = "converted model keeping every pair: predictors + SP-KV attention and cache overhead"
-    rows["predictors-only"].note = "the predictors alone on random hidden states of the same shape"
     lkv = pool.get("adapter" if pool.adapter else "converted").spkv_config.lkv is not None
-    rows["spkv"].note = ("LKV adapter: eviction under its learned budgets" if lkv else "adapter's predictors and threshold"
-                         if pool.adapter else "untrained predictors (keep almost all)")
+    notes = {"spkv-keep-all": "converted model keeping every pair: predictors + SP-KV attention and cache overhead",
+             "predictors-only": "the predictors alone on random hidden states of the same shape",
+             "spkv": ("LKV adapter: eviction under its learned budgets" if lkv else "adapter's predictors and threshold"
+                      if pool.adapter else "untrained predictors (keep almost all)")}
     if lkv:
-        rows["spkv-keep-all"].note = "LKV model at budget 1 (keeps every pair): the scorer + cache overhead"
-        rows["predictors-only"].note = "the token scorers alone on random keys and values of the same shape"
+        notes["spkv-keep-all"] = "LKV model at budget 1 (keeps every pair): the scorer + cache overhead"
+        notes["predictors-only"] = "the token scorers alone on random keys and values of the same shape"
+    for config, note in notes.items():
+        if config in rows:
+            rows[config].note = note
     return list(rows.values())
 
 
@@ -186,6 +189,10 @@ def run_prefill(s: PrefillSettings, progress: bool = True) -> dict[str, Any]:
 
 
 def _run_prefill(s: PrefillSettings, progress: bool) -> dict[str, Any]:
+    unknown = sorted(set(s.configs) - set(PREFILL_CONFIGS))
+    if unknown or "dynamic" not in s.configs:
+        raise ValueError(f"--configs {' '.join(s.configs)}: choose from {', '.join(PREFILL_CONFIGS)}, with dynamic "
+                         "(every other row is timed against it)")
     pool = ModelPool(s.model, DTYPES[s.dtype], s.window, s.adapter)
     base = pool.get("base")
     plan = [(c, b) for c in s.contexts for b in s.batch_sizes]

@@ -71,6 +71,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     bd.set_defaults(func=cmd_bench_decode)
     bp = bsub.add_parser("prefill", help="chunked prefill time and memory: plain model vs SP-KV, predictor overhead")
     _add_bench_args(bp)
+    bp.add_argument("--configs", nargs="+", help="rows to time: dynamic (always) spkv spkv-keep-all predictors-only (default: all)")
     bp.set_defaults(func=cmd_bench_prefill)
 
     bt = bsub.add_parser("train", help="SP-KV training step time vs plain fine-tuning of the same model")
