@@ -7,7 +7,8 @@
 # 16 adds rows, 32k x 16 skipped for memory at --max-kv-gib 12); its spkv-adapter rows use the shipped
 # adapter, adapters/smollm2-135m-spkv. decode-gemma3: Gemma3-270M, whose positions reach 32k, with its
 # shipped adapter, into results/bench/gemma3/. prefill-lkv: issue 17's LKV adapter (its scorer's share of
-# prefill time, bytes held against its budget at 8k and 16k), into results/bench/lkv/. Give the benchmarks the machine: other
+# prefill time, bytes held against its budget at 8k and 16k), into results/bench/lkv/; lkv-scorer: only the
+# scorer's share, into results/bench/lkv_scorer/. Give the benchmarks the machine: other
 # CPU-bound jobs distort every row. THREADS sets torch threads (default: torch's, as recorded).
 # hybrid: issue 18's exported per-layer hybrid (learned-layer at budget 0.3 on the dense control's
 # weights, exported to runs/export/) against static, window-only and SP-KV's cache at a forced 30%
@@ -32,6 +33,10 @@ for part in ${PARTS:-decode prefill train}; do
         echo "bench.sh prefill-lkv: no adapters/lkv/smollm2-135m-lkv-frozen; train it first: bash scripts/train_lkv_smollm2.sh" >&2; exit 2; }
       .venv/bin/spkv bench prefill --model smollm2-135m --adapter adapters/lkv/smollm2-135m-lkv-frozen \
           --contexts 2048 8192 16384 --batch-sizes 1 --prefill-chunk 1024 --repeats 2 --out results/bench/lkv ;;
+    lkv-scorer)  # issue 17's cost target alone: the token scorers' share of a plain prefill (~6 min)
+      .venv/bin/spkv bench prefill --model smollm2-135m --adapter adapters/lkv/smollm2-135m-lkv-frozen \
+          --contexts 8192 16384 --batch-sizes 1 --prefill-chunk 1024 --repeats 3 --configs dynamic predictors-only \
+          --out results/bench/lkv_scorer ;;
     train)
       .venv/bin/spkv bench train --model smollm2-135m --seq-len 2048 --steps 3 --warmup 1 --lkv ;;
     hybrid)
@@ -44,6 +49,6 @@ for part in ${PARTS:-decode prefill train}; do
     profile)
       .venv/bin/python scripts/profile_decode.py --contexts 8192 --steps 6 --threads 1 --name decode_profile ;;
     *)
-      echo "bench.sh: unknown part '$part' (decode, decode-gemma3, prefill, prefill-lkv, train, hybrid, profile)" >&2; exit 2 ;;
+      echo "bench.sh: unknown part '$part' (decode, decode-gemma3, prefill, prefill-lkv, lkv-scorer, train, hybrid, profile)" >&2; exit 2 ;;
   esac
 done
