@@ -26,7 +26,7 @@ from spkv.compat import (
     is_generate_default_cache,
 )
 from spkv.config import SPKVConfig
-from spkv.lkv import budget_limits, model_shares
+from spkv.lkv import NEVER, budget_limits, model_shares
 from spkv.policies import LKVPolicy, ScoringPolicy, SPKVPolicy
 from spkv.store import PagedStore, page_size
 from spkv.window import Window
@@ -225,20 +225,36 @@ class SPKVLayer(CacheLayerMixin):
             self._evict(self.seen - self.window)
 
     def _attend_budgeted(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
-        """A prefill chunk under a budget, exact: split where some sequence cuts its heads back (after
-        every exit_every exits), so each query sees what the cache held when its turn came.
+        """A prefill chunk under a budget, exact, in one attention per head: the chunk's exits and cuts
+        (every exit_every exits of a sequence, its heads cut back to budget) run first, noting for each
+        evicted pair the first query that no longer sees it; each query then attends over the pairs
+        stored before the chunk and the window's, each visible until its cut.
         q [B, Hkv, G, n, D] -> same shape."""
-        first, oldest = self.seen - q.shape[3], self.seen - self.recent.size
+        b, hkv, _, n, _ = q.shape
+        recent, first = self.recent, self.seen - q.shape[3]
+        before = [(*self.store.get(h), self.store.positions(h)) for h in range(b * hkv)]  # the store at the chunk's start
+        win_k, win_v, win_pos, win_valid = recent.k, recent.v, recent.pos, recent.valid.clone()  # exits only drop slots
+        oldest = self.seen - recent.size
         leaving = max(0, self._exits_up_to(self.seen - self.window))
         cuts = sorted({oldest + j + self.window for j in self._cuts(leaving).any(0).nonzero().flatten().tolist()})
-        cuts = [a for a in cuts if first < a < self.seen]  # queries that must see the cut
-        outs = []
-        for a, z in zip([first, *cuts], [*cuts, self.seen]):
-            self._evict(a - self.window)
-            bias = self._window_bias(z - a, end=z).to(q.dtype)
-            outs.append(self._attend_per_head(q[:, :, :, a - first : z - first], bias, scaling, False)[0])
-        self._evict(self.seen - self.window)
-        return torch.cat(outs, dim=3)
+        death = torch.full((b * hkv, self.seen), NEVER, dtype=torch.long, device=self.device)  # [heads, positions]
+        for a in [first, *(a for a in cuts if first < a < self.seen)]:  # the queries from a on see the cut
+            evicted: list[tuple[torch.Tensor, torch.Tensor]] = []
+            self._evict(a - self.window, evicted)
+            for heads, pos in evicted:
+                death[heads, pos] = a
+        self._evict(self.seen - self.window)  # cuts no query of this chunk sees
+        q_pos = torch.arange(first, self.seen, device=self.device).view(n, 1)
+        dist = q_pos - win_pos.view(1, -1)  # [n, C]
+        in_window = (dist >= 0) & (dist < self.window)
+        exited = (dist >= self.window).unsqueeze(0) & (q_pos < death[:, win_pos.clamp(0, self.seen - 1)].unsqueeze(1))
+        sees = (in_window | exited).view(b, hkv, n, -1) & win_valid.view(b, 1, 1, -1)
+        bias = torch.zeros(sees.shape, dtype=q.dtype, device=self.device).masked_fill_(~sees, float("-inf"))
+        stored = []
+        for h, (k, v, pos) in enumerate(before):
+            seen_by = q_pos < death[h, pos].view(1, -1)  # [n, L]
+            stored.append((k, v, torch.zeros(seen_by.shape, dtype=q.dtype, device=self.device).masked_fill_(~seen_by, float("-inf"))))
+        return self._attend_per_head(q, bias, scaling, False, stored, (win_k, win_v))[0]
 
     def _cuts(self, m: int) -> torch.Tensor:
         """[B, m] (host) True where the i-th oldest window pair, on leaving, completes a multiple of
@@ -267,23 +283,33 @@ class SPKVLayer(CacheLayerMixin):
         probs = (e / total.unsqueeze(-1)).view(b, hkv, g, 1, -1) if want_probs else None
         return out, probs
 
-    def _attend_per_head(self, q: torch.Tensor, bias: torch.Tensor, scaling: float, want_probs: bool):
+    def _attend_per_head(self, q: torch.Tensor, bias: torch.Tensor, scaling: float, want_probs: bool,
+                         stored: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+                         window: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Prefill chunks (n > 1 queries): per (sequence, KV head), sdpa over [its stored pairs, window]
         (explicit softmax when the policy needs the window's attention probabilities). The per-head
-        calls cost little next to n queries' work; stored pairs are visible to every new query.
+        calls cost little next to n queries' work. By default every stored pair is visible to every
+        new query; `stored` gives per head (keys, values [L, D], bias [n, L]) instead, and `window`
+        the window's (keys, values [B, Hkv, C, D]) (eviction under a budget: a snapshot).
 
         q [B, Hkv, G, n, D], bias [B, Hkv, n, C] -> (out [B, Hkv, G, n, D], probs [B, Hkv, G, n, C] or None)."""
         b, hkv, g, n, d = q.shape
-        recent = self.recent
+        win_k, win_v = window if window is not None else (self.recent.k, self.recent.v)
         out = torch.empty_like(q)
         probs = [] if want_probs else None
         for bi in range(b):
             for hi in range(hkv):
-                k_store, v_store = self.stored(bi, hi)
+                if stored is None:
+                    k_store, v_store = self.stored(bi, hi)
+                    store_bias = bias.new_zeros(n, k_store.shape[0])
+                else:
+                    k_store, v_store, store_bias = stored[bi * hkv + hi]
                 length = k_store.shape[0]
-                k = torch.cat([k_store, recent.k[bi, hi]]) if length else recent.k[bi, hi]  # [L + C, D]
-                v = torch.cat([v_store, recent.v[bi, hi]]) if length else recent.v[bi, hi]
-                mask = F.pad(bias[bi, hi], (length, 0)) if length else bias[bi, hi]  # [n, L + C]
+                k = torch.cat([k_store, win_k[bi, hi]]) if length else win_k[bi, hi]  # [L + C, D]
+                v = torch.cat([v_store, win_v[bi, hi]]) if length else win_v[bi, hi]
+                mask = torch.cat([store_bias, bias[bi, hi]], -1) if length else bias[bi, hi]  # [n, L + C]
+                if stored is not None:  # a query that sees nothing (left padding): a finite, unused result
+                    mask = mask.masked_fill(torch.isneginf(mask).all(-1, keepdim=True), 0.0)
                 if probs is None:
                     out[bi, hi] = F.scaled_dot_product_attention(
                         q[bi, hi].unsqueeze(0), k.expand(1, g, -1, d), v.expand(1, g, -1, d), attn_mask=mask, scale=scaling)[0]
@@ -306,14 +332,15 @@ class SPKVLayer(CacheLayerMixin):
             score = self.policy.observe_queries(score, recent.k[:, :, live], recent.v[:, :, live], self.recent_q, scaling)
         recent.score[..., live] = score
 
-    def _evict(self, upto: int) -> None:
-        """Decide every window pair at position <= upto: it moves to the global store or is gone."""
+    def _evict(self, upto: int, evicted: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """Decide every window pair at position <= upto: it moves to the global store or is gone.
+        Under a budget, `evicted` collects the (heads, positions) its cuts evicted."""
         recent = self.recent
         m = self._exits_up_to(upto)
         if m <= 0:
             return
         if self.shares is not None:
-            return self._evict_budgeted(m)
+            return self._evict_budgeted(m, evicted)
         keys, values, score, pos, valid, sink = recent.oldest(m)
         keep = self._keep(score, sink) & valid.unsqueeze(1)  # [B, Hkv, m]
         # One transfer per eviction (a sync on GPU); the bookkeeping below runs on the host.
@@ -328,7 +355,7 @@ class SPKVLayer(CacheLayerMixin):
         """How many of the window's oldest pairs are at positions <= upto (it holds seen - size ..)."""
         return min(self.recent.size, upto - (self.seen - self.recent.size) + 1)
 
-    def _evict_budgeted(self, m: int) -> None:
+    def _evict_budgeted(self, m: int, evicted: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         """The m oldest window pairs leave: every real one is stored, with its score (sinks: +inf,
         never evicted); each time a sequence's real exits reach a multiple of exit_every, each of its
         heads over budget_limits() drops its worst pairs (spkv.lkv.eviction_times is the same rule)."""
@@ -350,7 +377,9 @@ class SPKVLayer(CacheLayerMixin):
             if len(any_cut):
                 limits = budget_limits(self.shares, self.decided, self.sinks_stored)
                 cut = cuts[:, seg - 1].unsqueeze(1).expand_as(limits)  # sequences cut now; others keep all they hold
-                self.store.shrink(torch.where(cut, limits, self.store_lengths()).reshape(-1))
+                gone = self.store.shrink(torch.where(cut, limits, self.store_lengths()).reshape(-1))
+                if evicted is not None:
+                    evicted.append(gone)
             self.kept = self.store_lengths() - self.sinks_stored.unsqueeze(1)
             cuts, m = cuts[:, seg:], m - seg
 

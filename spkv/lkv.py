@@ -93,6 +93,31 @@ def keep_order(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
 
 
+_KEY_SPAN = 2 ** 30  # |score / RESOLUTION| and positions below this fit one int64 key (worst_pairs)
+
+
+def worst_pairs(scores: torch.Tensor, positions: torch.Tensor, held: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """[n, W] bool: the count[i] last pairs of row i in keep_order among its held ones (what a cut
+    evicts). scores, positions [n, W] (+inf: a sink, never evicted); held [n, W]; count [n] long.
+
+    One topk over an int64 key (score grid, then the older first) instead of keep_order's two full
+    sorts: a cut evicts a few pairs of a head holding thousands. Keys out of range use keep_order."""
+    grid = torch.round(scores.float() / RESOLUTION)
+    finite = torch.isfinite(grid) & held
+    if bool((grid[finite].abs() >= _KEY_SPAN).any()) or bool((positions[held] >= _KEY_SPAN).any()):
+        rank = keep_order(scores.masked_fill(~held, float("-inf")), positions)
+        return held & (rank >= (held.sum(-1) - count).unsqueeze(-1))
+    top = torch.iinfo(torch.long).max
+    key = grid.clamp(-_KEY_SPAN, _KEY_SPAN).long() * (2 * _KEY_SPAN) + (_KEY_SPAN - 1 - positions)  # higher: kept first
+    key = key.masked_fill(torch.isposinf(grid), top - 1).masked_fill(~held, top)
+    k = int(count.max()) if len(count) else 0
+    if k == 0:
+        return torch.zeros_like(held)
+    lowest = key.topk(k, dim=-1, largest=False).indices  # [n, k], the worst first
+    take = torch.arange(k, device=held.device).unsqueeze(0) < count.unsqueeze(1)
+    return torch.zeros_like(held).scatter_(-1, lowest, take)
+
+
 def eviction_times(scores: torch.Tensor, shares: torch.Tensor, window: int, every: int, sinks: int = 0,
                    valid: torch.Tensor | None = None) -> torch.Tensor:
     """The cache's eviction rule on a whole sequence: [B, Hkv, T] the first query that no longer sees

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from spkv.lkv import keep_order
+from spkv.lkv import worst_pairs
 
 PAGE = 32  # pairs per page (at most): bmm over 32-pair pages runs about as fast as over contiguous pairs
 
@@ -116,14 +116,17 @@ class PagedStore:
             self.score.view(-1)[flat] = scores.float().to(self.score.device)[rows, cols]
         self.lengths, self._empty = new_lengths, None
 
-    def shrink(self, limits: torch.Tensor) -> None:
+    def shrink(self, limits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Evict: every head holding more than limits[head] pairs (host, long) keeps its limits[head]
         best by score (higher first; the older first among equal scores). Survivors from the tail
         move into the evicted slots, so each head's pairs stay in its first pages and the freed tail
-        slots are reused by its next appends: bytes held follow the limits, not the context."""
+        slots are reused by its next appends: bytes held follow the limits, not the context.
+
+        Returns the evicted pairs as (heads [k], token positions [k]), on the device."""
         over = (self.lengths > limits).nonzero().flatten()
         if not len(over):
-            return
+            none = torch.zeros(0, dtype=torch.long, device=self.k.device)
+            return none, none
         lengths, new = self.lengths[over], limits[over]
         width = int(lengths.max())
         s = torch.arange(width)
@@ -131,9 +134,11 @@ class PagedStore:
         flat = self.table[over.unsqueeze(1), (s // self.page).unsqueeze(0)] * self.page + s % self.page
         flat = flat.to(self.k.device)
         held_d = held.to(self.k.device)
-        score = self.score.view(-1)[flat].masked_fill(~held_d, float("-inf"))
-        pos = self.pos.view(-1)[flat].masked_fill(~held_d, torch.iinfo(torch.long).max)
-        keep = (keep_order(score, pos) < new.to(self.k.device).unsqueeze(1)) & held_d
+        pos = self.pos.view(-1)[flat]
+        evicted = worst_pairs(self.score.view(-1)[flat], pos, held_d, (lengths - new).to(self.k.device))
+        keep = held_d & ~evicted
+        evicted_heads = over.to(self.k.device).unsqueeze(1).expand_as(evicted)[evicted]
+        evicted_pos = pos[evicted]
         inside = s.unsqueeze(0).to(self.k.device) < new.to(self.k.device).unsqueeze(1)
         dst, src = flat[~keep & inside], flat[keep & ~inside]  # row-major: equal counts per head, paired in order
         self.k.view(-1, self.head_dim)[dst] = self.k.view(-1, self.head_dim)[src]
@@ -145,6 +150,7 @@ class PagedStore:
         self.free_bias.view(-1)[gone] = float("-inf")
         self.pos.view(-1)[gone] = -1
         self.lengths[over], self._empty = new, None
+        return evicted_heads, evicted_pos
 
     def attend(self, query: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unnormalised attention of each head's queries over its stored pairs, for every head at once.

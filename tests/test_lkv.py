@@ -11,7 +11,18 @@ import torch
 import spkv
 from spkv.compat import cache_kwarg
 from spkv.config import LKVConfig, SPKVConfig
-from spkv.lkv import NEVER, RESOLUTION, eviction_times, head_shares, rotary_invariant_features, scorers, set_budget, soft_topk
+from spkv.lkv import (
+    NEVER,
+    RESOLUTION,
+    eviction_times,
+    head_shares,
+    keep_order,
+    rotary_invariant_features,
+    scorers,
+    set_budget,
+    soft_topk,
+    worst_pairs,
+)
 from spkv.policies import KeyNorm, LKVPolicy
 from spkv.train.config import TrainConfig
 
@@ -75,6 +86,26 @@ def test_scorer_features_are_rotary_pair_norms_and_ignore_the_position():
     zero = torch.zeros(1, 1, 1, 8, requires_grad=True)
     rotary_invariant_features(zero, values[:1, :1, :1]).sum().backward()
     assert torch.isfinite(zero.grad).all()
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e9])  # 1e9: scores beyond the int64 key's range (the keep_order path)
+def test_worst_pairs_are_the_last_in_keep_order(scale):
+    """A cut's evictions by topk equal the last `count` held pairs of keep_order (ties on the score
+    grid: the newer goes; sinks, +inf, never), on rows with unheld slots."""
+    torch.manual_seed(0)
+    n, w = 6, 40
+    scores = torch.randint(-3, 4, (n, w)).float() * scale * RESOLUTION + torch.rand(n, w) * 1e-8  # many ties
+    scores[0, :3] = float("inf")
+    positions = torch.stack([torch.randperm(1000)[:w] for _ in range(n)])
+    held = torch.rand(n, w) < 0.8
+    count = torch.tensor([0, 1, 5, 17, 2, 9])
+    got = worst_pairs(scores, positions, held, count)
+    rank = keep_order(scores.masked_fill(~held, float("-inf")), positions)
+    for i in range(n):
+        order = [j for j in rank[i].argsort().tolist() if held[i, j]]
+        want = set(order[len(order) - int(count[i]):]) if count[i] else set()
+        assert set(got[i].nonzero().flatten().tolist()) == want
+    assert not got[0, :3].any()
 
 
 def test_head_shares_average_to_the_budget_and_pass_gradients():
