@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BLOCKS = {
     "train": ("results/train/nll_sweep.md", "results/train/nll_sweep.json"),
     "train_gemma3": ("results/train/gemma3/nll-2k/nll_sweep.md", "results/train/gemma3/nll-2k/nll_sweep.json"),
+    **{f"train_gemma3_long_{n}": (f"results/train/gemma3/long-nll-{n}/nll_sweep.md", f"results/train/gemma3/long-nll-{n}/nll_sweep.json")
+       for n in ("8k", "2k")},
     "train_options": ("results/train/options.md", "results/train/options.json"),
     "matched": ("results/eval/smollm2/matched.md", "results/eval/smollm2/matched.json"),
     "analysis": ("results/analysis/smollm2/analysis.md", "results/analysis/smollm2/analysis.json"),
@@ -41,6 +44,7 @@ BLOCKS = {
        for name in ("decode_steps_16k_b16", "decode_steps_16k", "decode_steps_16k_before")},
     "prefill": ("results/bench/prefill.md", "results/bench/prefill.json"),
     "prefill_lkv": ("results/bench/lkv/prefill.md", "results/bench/lkv/prefill.json"),
+    "lkv_scorer": ("results/bench/lkv_scorer/prefill.md", "results/bench/lkv_scorer/prefill.json"),
     "train_step": ("results/bench/train.md", "results/bench/train.json"),
 }
 
@@ -169,9 +173,38 @@ def headline_block(target: Path) -> str:
     return "\n".join(lines + notes)
 
 
+INTERLEAVED = [f"results/bench/decode_steps/decode_steps_interleaved_{c}.json" for c in ("8k_b8", "8k_b16", "16k_b8", "16k_b16", "32k_b8")]
+
+
+def interleaved_block(target: Path) -> str:
+    """One table from the interleaved decode_steps runs: per (context, batch), each cache's median
+    round mean, and measured / ideal and the speed-up over static per round with their medians."""
+    runs = [(js, load(js)) for js in INTERLEAVED]
+    runs = [(js, r) for js, r in runs if r]
+    if not runs:
+        return "_No result yet: no interleaved `scripts/decode_steps.py` run has been saved._"
+    lines = ["| context x batch | density-25 ms | window-only ms | static ms | measured / ideal per round | median "
+             "(target <= 1.1) | vs static per round | median (target >= 2.5x at 16k-32k) |", "|" + " --- |" * 8]
+    for _, r in runs:
+        ms = {row["cache"]: statistics.median(row["round_mean_ms"]) for row in r["rows"]}
+        for ideal in r.get("ideal", []):
+            lines.append(
+                f"| {r['context'] // 1024}k x {r['batch']} | {ms.get(ideal['cache'], float('nan')):.0f} | "
+                f"{ms.get('window-only', float('nan')):.0f} | {ms.get('static', float('nan')):.0f} | "
+                f"{' '.join(f'{x:.2f}' for x in ideal['measured_over_ideal'])} | **{ideal['median_measured_over_ideal']:.2f}** | "
+                f"{' '.join(f'{x:.2f}' for x in ideal['vs_static'])} | **{ideal['median_vs_static']:.2f}** |")
+    first = runs[0][1]
+    lines += ["", f"{first['rounds']} rounds of {first['steps']} steps per cache after {first['warmup']} warmup steps, all "
+              f"caches of a row filled first (synthetic fill), then taking turns; ms columns: the median of the round "
+              f"means; torch threads {first['threads']}.", ""]
+    lines += [source_line(js, target) for js, _ in runs]
+    return "\n".join(lines)
+
+
 TARGETS: dict[str, dict[str, Callable[[Path], str]]] = {
     "README.md": {"headline": headline_block},
-    "docs/results.md": {name: (lambda target, name=name: md_block(name, target)) for name in BLOCKS},
+    "docs/results.md": {**{name: (lambda target, name=name: md_block(name, target)) for name in BLOCKS},
+                        "decode_interleaved": interleaved_block},
 }
 
 

@@ -3,6 +3,7 @@ learning when to write on a synthetic recall task."""
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -337,3 +338,11 @@ def test_long_sequence_mix_run_end_to_end(tiny_setup, tmp_path):
     adapter = train(cfg)
     assert (adapter / "adapter.safetensors").is_file()
     assert len((tmp_path / "mix" / "log.jsonl").read_text().splitlines()) == 2
+    # train_config.json names the training tokens by hash: equal for runs on the same data, not otherwise
+    control = tiny_config(tiny_setup, tmp_path / "control", seq_len=128, max_tokens=2 * 2 * 128, control=True)
+    train(control)
+    other = tiny_config(tiny_setup, tmp_path / "other", seq_len=64, max_tokens=2 * 2 * 64)
+    train(other)
+    sha = {name: json.loads((tmp_path / name / "train_config.json").read_text())["packed_data_sha256"]
+           for name in ("mix", "control", "other")}
+    assert sha["mix"] == sha["control"] != sha["other"] and len(sha["mix"]) == 64
