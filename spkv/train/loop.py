@@ -247,8 +247,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     if accel.is_main_process:
         # The tokens themselves, hashed: `spkv data` rebuilds the corpus from packages whose versions
         # move, so two runs (an adapter and its control) share their training tokens iff this matches.
-        record = dataclasses.asdict(cfg) | {"packed_data_sha256": hashlib.sha256(data.numpy().tobytes()).hexdigest(),
-                                             "packed_sequences": len(data)}
+        digest = hashlib.sha256(str(list(data.shape)).encode() + data.numpy().tobytes()).hexdigest()  # rows and tokens
+        record = dataclasses.asdict(cfg) | {"packed_data_sha256": digest, "packed_sequences": len(data)}
         atomic_write_text(out / "train_config.json", json.dumps(record, indent=2))
 
     stop = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
