@@ -36,6 +36,29 @@ def test_full_sequence_nll_and_density_equal_real_decoding(chunk):
     assert density_only.density_per_layer_head == real.density_per_layer_head and math.isnan(density_only.nll)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_nll_with_the_lm_head_in_chunks_equals_the_full_logits(family, monkeypatch):
+    """Brute force: cross-entropy of the model's own full logits (Gemma 3 with its soft-capping on),
+    against the chunked LM head, for the plain and the converted model."""
+    import torch.nn.functional as F
+
+    from spkv.eval import nll as nll_module
+
+    monkeypatch.setattr(nll_module, "HEAD_CHUNK", 7)  # several chunks, the last one partial
+    model = tiny_model(family, **({"final_logit_softcapping": 5.0} if family == "gemma3" else {}))
+    data = tiny_heldout()
+    with torch.no_grad():
+        want = [float(F.cross_entropy(model(input_ids=row[None], use_cache=False).logits[0, :-1].float(), row[1:]))
+                for row in data.input_ids]
+    assert nll_full_sequence(model, data).nll_per_sequence == pytest.approx(want, abs=1e-5)
+    spkv.convert(model, spkv.SPKVConfig(window=6, threshold=0.5))
+    randomize_gates(model, seed=5)
+    with torch.no_grad():
+        want = [float(F.cross_entropy(model(input_ids=row[None], use_cache=False).logits[0, :-1].float(), row[1:]))
+                for row in data.input_ids]
+    assert nll_full_sequence(model, data).nll_per_sequence == pytest.approx(want, abs=1e-5)
+
+
 def test_keep_all_equals_the_unconverted_model():
     base = tiny_model("qwen2")
     data = tiny_heldout()

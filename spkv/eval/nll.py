@@ -24,11 +24,39 @@ from spkv.eval.stats import paired_dnll, stderr
 from spkv.policies import ScoringPolicy
 from spkv.stats import cache_stats
 
+HEAD_CHUNK = 1024  # positions per LM-head call: [1024, 262k] fp32 logits are 1 GiB (Gemma 3)
 
-def _token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL per sequence: logits [B, T, V], ids [B, T] -> [B]."""
-    loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
-    return loss.mean(dim=1)
+
+def _summed_nll(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of `targets` [n] from final hidden states [n, hidden], the LM head applied
+    HEAD_CHUNK positions at a time (as the model's forward applies it, soft-capping included)."""
+    head = model.get_output_embeddings()
+    cap = getattr(model.config.get_text_config(decoder=True), "final_logit_softcapping", None)
+    total = torch.zeros((), dtype=torch.float64)
+    for s in range(0, hidden.shape[0], HEAD_CHUNK):
+        logits = head(hidden[s : s + HEAD_CHUNK]).float()
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        total += F.cross_entropy(logits, targets[s : s + HEAD_CHUNK], reduction="sum").double()
+    return total
+
+
+def _plain_forward(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> Any:
+    return model(input_ids=ids, use_cache=False, **kwargs)
+
+
+def _full_forward_nll(model: torch.nn.Module, ids: torch.Tensor, forward: Any = _plain_forward) -> tuple[float, Any]:
+    """Mean next-token NLL of one sequence ids [1, T] from forward(model, ids, logits_to_keep=1), reading the
+    decoder's final hidden states with a forward hook: the whole sequence's logits would not fit in
+    memory at 8k tokens and a 262k vocabulary (8.6 GB in fp32). Returns (nll, the forward's output)."""
+    captured: dict[str, torch.Tensor] = {}
+    handle = model.base_model.register_forward_hook(lambda module, args, out: captured.update(h=out.last_hidden_state))
+    try:
+        output = forward(model, ids, logits_to_keep=1)
+    finally:
+        handle.remove()
+    n = ids.shape[1] - 1
+    return float(_summed_nll(model, captured["h"][0, :n], ids[0, 1:]) / n), output
 
 
 @dataclass
@@ -53,13 +81,12 @@ def nll_full_sequence(model: torch.nn.Module, data: HeldoutSet, desc: str = "eva
         for row in tqdm(data.input_ids, desc=desc, unit="seq", leave=False):
             ids = row.unsqueeze(0)
             if converted:
-                output, kept, counted = forward_with_density(model, ids)
-                logits = output.logits
+                nll, (_, kept, counted) = _full_forward_nll(model, ids, forward_with_density)
                 dens_seq.append(float(mean_density(kept, counted)))
                 kept_sum, counted_sum = kept_sum + kept, counted_sum + counted
             else:
-                logits = model(input_ids=ids, use_cache=False).logits
-            per_seq.append(float(_token_nll(logits, ids)))
+                nll, _ = _full_forward_nll(model, ids)
+            per_seq.append(nll)
     result = NLLResult(nll=sum(per_seq) / len(per_seq), nll_per_sequence=per_seq)
     if converted:
         per_head = kept_sum / counted_sum.clamp(min=1)
@@ -83,9 +110,13 @@ def nll_with_policy(model: torch.nn.Module, data: HeldoutSet, policy: ScoringPol
         for row in tqdm(data.input_ids, desc=desc, unit="seq", leave=False):
             ids = row.unsqueeze(0)
             cache = SPKVCache(model, policy=policy, sinks=sinks)
-            logits = torch.cat([model(input_ids=ids[:, s : s + chunk], **{CACHE_ARG: cache}, **keep).logits
-                                for s in range(0, ids.shape[1], chunk)], dim=1)
-            per_seq.append(float(_token_nll(logits, ids)) if score else math.nan)
+            total = torch.zeros((), dtype=torch.float64)
+            for s in range(0, ids.shape[1], chunk):
+                logits = model(input_ids=ids[:, s : s + chunk], **{CACHE_ARG: cache}, **keep).logits[0]  # [c, V]
+                targets = ids[0, s + 1 : s + 1 + logits.shape[0]]  # the sequence's last logit has none
+                if score:
+                    total += F.cross_entropy(logits[: len(targets)].float(), targets, reduction="sum").double()
+            per_seq.append(float(total / (ids.shape[1] - 1)) if score else math.nan)
             stats = cache_stats(cache)
             dens_seq.append(stats.density)
             kept_sum, decided_sum = kept_sum + stats.kept.sum(1), decided_sum + stats.decided.sum(1)
