@@ -15,7 +15,10 @@ for row in "SP-KV joint, 164k tokens=adapters/smollm2-135m-spkv-164k" \
            "SP-KV gate, LLM frozen=adapters/lkv/smollm2-135m-wg-frozen" \
            "LKV, LLM frozen=adapters/lkv/smollm2-135m-lkv-frozen" \
            "LKV, uniform budgets=adapters/lkv/smollm2-135m-lkv-uniform" \
-           "LKV + LoRA=adapters/lkv/smollm2-135m-lkv-lora"; do
+           "LKV + LoRA=adapters/lkv/smollm2-135m-lkv-lora" \
+           "SP-KV gate, LLM frozen, 4 sinks, hardened=adapters/lkv/smollm2-135m-wg-frozen-hardened" \
+           "LKV, LLM frozen, 4 sinks, hardened=adapters/lkv/smollm2-135m-lkv-frozen-hardened" \
+           "LKV, uniform budgets, 4 sinks, hardened=adapters/lkv/smollm2-135m-lkv-uniform-hardened"; do
   [ -f "${row#*=}/adapter_config.json" ] && learned+=("$row")
 done
 .venv/bin/spkv eval matched --model smollm2-135m --adapter adapters/smollm2-135m-spkv \

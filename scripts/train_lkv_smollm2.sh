@@ -6,6 +6,9 @@
 #   lkv-uniform  the same with every head at share r (the budgets ablation)
 #   lkv-lora     LKV with the LLM adapted by LoRA (joint)
 #   wg-frozen    SP-KV's write gate with the LLM frozen (WG-KV-like), density regulariser at 0.3
+#   NAME-hardened  (lkv-frozen, lkv-uniform, wg-frozen) the same with 4 sinks and the last half of the
+#                run hardened (--harden-fraction 0.5: the hard mask mixed in while the gates train): a
+#                frozen LLM adapts to nothing, so the gates must learn under the mask they deploy with
 # Precision follows the hardware (bf16 where native, else fp32). Resumable. THREADS (default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +18,7 @@ common=(--model smollm2-135m --seq-len 2048 --batch-size 1 --max-tokens 163840 -
 lkv=(--method lkv --budget 0.3 --hard-fraction 0)
 args() {
   case $1 in
+    *-hardened) echo "$(args "${1%-hardened}") --sinks 4 --harden-fraction 0.5" ;;
     lkv-frozen) echo "${lkv[@]} --train-llm none" ;;
     lkv-uniform) echo "${lkv[@]} --train-llm none --uniform-budgets" ;;
     lkv-lora) echo "${lkv[@]} --train-llm lora --lora-rank 16" ;;

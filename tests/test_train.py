@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import spkv
+from spkv.adapter import read_adapter_config
 from spkv.cli import build_parser
 from spkv.convert import predictors
 from spkv.density import gate_density
 from spkv.train.config import TrainConfig, bf16_is_fast
 from spkv.train.loop import build_model, export_adapter, train
-from spkv.train.schedule import density_penalty, density_target_at, lr_factor, phase_at
+from spkv.train.schedule import HARDEN_ALPHA, density_penalty, density_target_at, lr_factor, phase_at, soft_end, temperature_at
 
 from .tiny_models import save_tiny_pretrained
 
@@ -57,6 +58,25 @@ def test_schedule_phases_and_lr():
     assert phase_at(cfg, 75)[1] == pytest.approx(0.1) and phase_at(cfg, 84)[1] == 1.0
     assert lr_factor(cfg, 0) == pytest.approx(0.2) and lr_factor(cfg, 5) == pytest.approx(1.0)
     assert lr_factor(cfg, 99) == pytest.approx(cfg.min_lr_ratio, abs=1e-3)
+
+
+def test_hardening_mixes_in_the_hard_mask_while_the_predictors_train():
+    cfg = TrainConfig(seq_len=8, batch_size=1, max_tokens=8 * 100, hard_fraction=0.2, harden_fraction=0.25, warmup_steps=5)
+    assert soft_end(cfg) == 80
+    assert [phase_at(cfg, s)[0] for s in (0, 59, 60, 79, 80, 99)] == ["soft", "soft", "anneal", "anneal", "hard", "hard"]
+    alphas = [phase_at(cfg, s)[1] for s in range(60, 80)]
+    assert alphas == sorted(alphas) and alphas[0] == pytest.approx(HARDEN_ALPHA / 20) and alphas[-1] == HARDEN_ALPHA
+    assert phase_at(cfg, 80) == ("hard", 1.0)  # no second anneal from alpha 0 after hardening
+    frozen_llm = TrainConfig(seq_len=8, batch_size=1, max_tokens=8 * 10, hard_fraction=0.0, harden_fraction=0.5,
+                             train_llm="none", method="lkv")
+    assert [phase_at(frozen_llm, s)[0] for s in range(10)] == ["soft"] * 5 + ["anneal"] * 5
+    assert temperature_at(frozen_llm, 9) == pytest.approx(frozen_llm.temperature_end)
+    with pytest.raises(ValueError, match="harden_fraction must be in"):
+        TrainConfig(harden_fraction=1.0)
+    with pytest.raises(ValueError, match="a control has none"):
+        TrainConfig(control=True, harden_fraction=0.5)
+    with pytest.raises(ValueError, match="a control has none"):
+        TrainConfig(control=True, sinks=4)
 
 
 def test_density_target_ramp():
@@ -118,6 +138,23 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_setup, tmp_p
     assert len(log) == 6 and '"phase": "hard"' in log[-1]
     with pytest.raises(ValueError, match="different settings"):
         train(tiny_config(tiny_setup, tmp_path / "interrupted", lr=5e-4), resume=True)
+
+
+@pytest.mark.parametrize("method", ["spkv", "lkv"])
+def test_hardening_trains_the_frozen_llms_predictors_to_the_end(tiny_setup, tmp_path, method):
+    """With a frozen LLM (no hard part), hardening runs the last steps near-hard and the predictors
+    keep learning through them."""
+    extra = dict(method="lkv", budget=0.5) if method == "lkv" else dict(density_target=0.5, density_weight=1.0)
+    cfg = tiny_config(tiny_setup, tmp_path / method, train_llm="none", hard_fraction=0.0, harden_fraction=0.5, sinks=2, **extra)
+    train(cfg, max_steps=3)  # the soft part: steps 1-3
+    soft = trained_state(tmp_path / method)
+    train(cfg, resume=True)  # the hardening: steps 4-6
+    hardened = trained_state(tmp_path / method)
+    log = [json.loads(line) for line in (tmp_path / method / "log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in log] == ["soft"] * 3 + ["anneal"] * 3 and log[-1]["alpha"] == HARDEN_ALPHA
+    assert soft.keys() == hardened.keys() and all("spkv_predictor" in k for k in soft)  # the LLM is not trained
+    assert any(not torch.equal(soft[k], hardened[k]) for k in soft)
+    assert read_adapter_config(tmp_path / method / "adapter")["spkv"]["sinks"] == 2
 
 
 def test_two_processes_match_one(tiny_setup, tmp_path):

@@ -67,8 +67,13 @@ class TrainConfig:
     warmup_steps: int = _opt(10, "linear warmup steps before the cosine decay")
     min_lr_ratio: float = _opt(0.1, "the cosine schedule ends at lr x this")
     hard_fraction: float = _opt(0.25, "last part of the schedule: predictor frozen, gate annealed to hard")
+    harden_fraction: float = _opt(0.0, "last part of the soft phase in which the hard mask is mixed into the soft one "
+                                        "(alpha 0 -> 0.999) while the predictors still train, so they learn under the mask "
+                                        "they deploy with; needed where nothing adapts in a hard phase (a frozen LLM)")
     anneal_steps: int = _opt(200, "steps of the soft-to-hard anneal (capped at the hard part's length)")
     window: int = _opt(128, "local window: recent pairs always kept")
+    sinks: int = _opt(0, "first tokens every gate keeps (attention sinks), in training and in the adapter it deploys with; "
+                         "SP-KV learns its own (0), a frozen LLM cannot")
     threshold: float = _opt(0.5, "tau the adapter deploys with (changeable later with set_threshold)")
     predictor_hidden: int = _opt(64, "hidden units of each layer's utility predictor")
     density_target: float | None = _opt(None, "optional regulariser's target soft density in (0, 1): penalised above it, and below it "
@@ -102,6 +107,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.train_llm must be one of {TRAIN_LLM}, got {self.train_llm!r}")
         if not 0.0 <= self.hard_fraction < 1.0:
             raise ValueError(f"TrainConfig.hard_fraction must be in [0, 1), got {self.hard_fraction}")
+        if self.sinks < 0:
+            raise ValueError(f"TrainConfig.sinks must be >= 0, got {self.sinks}")
+        if not 0.0 <= self.harden_fraction < 1.0:
+            raise ValueError(f"TrainConfig.harden_fraction must be in [0, 1) (a share of the soft phase), got {self.harden_fraction}")
         if self.batch_size < 1 or self.seq_len < 2 or self.max_tokens < self.batch_size * self.seq_len:
             raise ValueError("TrainConfig needs batch_size >= 1, seq_len >= 2 and max_tokens >= one batch of tokens")
         if (self.density_target is None) != (self.density_weight == 0.0):
@@ -140,6 +149,9 @@ class TrainConfig:
         if self.hybrid_layout is not None and (self.control or self.method != "spkv" or self.density_weight or self.train_llm == "none"):
             raise ValueError("A hybrid trains its LLM under a fixed layout, like the control: no --control, --method lkv, "
                              "density regulariser or --train-llm none with --hybrid-layout")
+        if (self.harden_fraction or self.sinks) and not self.learns_gates:
+            raise ValueError("--harden-fraction and --sinks set learned gates: a control has none, and a --hybrid-layout run "
+                             "takes its sinks from the layout")
         if self.control and (self.density_weight or self.train_llm == "none"):
             raise ValueError("The dense control has no gates: no density regulariser, and train_llm must not be 'none'")
 

@@ -36,7 +36,7 @@ from spkv.density import gate_density, mean_density
 from spkv.lkv import scorers
 from spkv.results import atomic_write, atomic_write_text
 from spkv.train.config import LORA_TARGETS, TrainConfig
-from spkv.train.schedule import density_penalty, density_target_at, lr_factor, phase_at, temperature_at
+from spkv.train.schedule import density_penalty, density_target_at, lr_factor, phase_at, soft_end, temperature_at
 
 # -- data ---------------------------------------------------------------------------------------
 
@@ -126,7 +126,8 @@ def spkv_config(cfg: TrainConfig, phase: str) -> SPKVConfig:
     lkv = None
     if cfg.method == "lkv":
         lkv = LKVConfig(budget=cfg.budget, uniform=cfg.uniform_budgets, temperature=cfg.temperature_start, exit_every=cfg.exit_every)
-    return SPKVConfig(window=cfg.window, threshold=cfg.threshold, phase=phase, predictor_hidden=cfg.predictor_hidden, lkv=lkv)
+    return SPKVConfig(window=cfg.window, threshold=cfg.threshold, phase=phase, predictor_hidden=cfg.predictor_hidden,
+                      sinks=cfg.sinks, lkv=lkv)
 
 
 def _core(model: torch.nn.Module) -> torch.nn.Module:
@@ -204,7 +205,7 @@ def step_loss(cfg: TrainConfig, model, teacher, input_ids: torch.Tensor, step: i
     if gates:
         kept, counted = gate_density(gates, cfg.threshold, cfg.window)
         stats["density"] = float(mean_density(kept, counted))
-        if cfg.density_weight and core.spkv_config.phase == "soft":
+        if cfg.density_weight and step < soft_end(cfg):  # while the predictors train
             soft_kept, soft_counted = gate_density(gates, cfg.threshold, cfg.window, soft=True)
             soft_density = mean_density(soft_kept, soft_counted)
             loss = loss + density_penalty(cfg, soft_density, step)
@@ -263,7 +264,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
                 changes["lkv"] = _core(model).spkv_config.lkv.replace(temperature=temperature_at(cfg, step))
             update_config(_core(model), **changes)
         for group in optimizer.param_groups:
-            frozen = group.get("predictor") and phase != "soft"  # the predictor is frozen after the soft phase
+            frozen = group.get("predictor") and step >= soft_end(cfg)  # the predictor is frozen after the soft phase
             group["lr"] = 0.0 if frozen else group["base_lr"] * lr_factor(cfg, step)
         t0 = time.perf_counter()
         rows = batch_indices(cfg, len(data), step, accel.process_index, accel.num_processes)

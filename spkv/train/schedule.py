@@ -18,11 +18,28 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+HARDEN_ALPHA = 0.999  # where hardening stops: a dropped pair's weight is 0.001 x its soft mask (-6.9 on its logit)
+
+
+def soft_end(cfg: TrainConfig) -> int:
+    """First step of the hard part: the predictors train before it and are frozen from it on."""
+    return round(cfg.total_steps * (1 - cfg.hard_fraction))
+
+
 def phase_at(cfg: TrainConfig, step: int) -> tuple[str, float]:
-    """(phase, anneal_alpha) for an optimizer step."""
-    hard_start = round(cfg.total_steps * (1 - cfg.hard_fraction))
+    """(phase, anneal_alpha) for an optimizer step.
+
+    Soft, then (harden_fraction > 0) the last part of the soft phase mixes the hard mask into the soft
+    one, alpha rising linearly to HARDEN_ALPHA while the predictors still train, then the hard part
+    (predictors frozen), annealed over anneal_steps unless hardening already took alpha near 1."""
+    hard_start = soft_end(cfg)
     if step < hard_start:
-        return "soft", 0.0
+        harden = round(hard_start * cfg.harden_fraction)
+        if step < hard_start - harden:
+            return "soft", 0.0
+        return "anneal", HARDEN_ALPHA * (step - (hard_start - harden) + 1) / harden
+    if cfg.harden_fraction:
+        return "hard", 1.0
     anneal = max(1, min(cfg.anneal_steps, cfg.total_steps - hard_start))
     alpha = min(1.0, (step - hard_start + 1) / anneal)
     return ("hard", 1.0) if alpha >= 1.0 else ("anneal", alpha)
@@ -48,6 +65,6 @@ def density_target_at(cfg: TrainConfig, step: int) -> float:
 def temperature_at(cfg: TrainConfig, step: int) -> float:
     """LKV's soft top-k temperature: geometric from temperature_start to temperature_end over the
     soft phase, so the mask the scorer learns through ends close to the hard top-k."""
-    soft_steps = max(1, round(cfg.total_steps * (1 - cfg.hard_fraction)))
+    soft_steps = max(1, soft_end(cfg))
     progress = min(1.0, step / max(1, soft_steps - 1))
     return cfg.temperature_start * (cfg.temperature_end / cfg.temperature_start) ** progress
