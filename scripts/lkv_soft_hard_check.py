@@ -2,11 +2,13 @@
 with. Held-out NLL of one adapter on the first DOCS held-out 2k documents, full-sequence forwards:
 
   soft T=1, soft T=T_end   the training mask (soft top-k) at the first and the last temperature
-  hard top-k (sequence)    each head keeps its top share of the whole sequence (anneal alpha 1)
   eviction (deployed)      the exact causal eviction rule the cache applies
   budget 1                 every pair kept (the base model, for a frozen LLM)
 
-plus how hard the last soft mask is (share of out-of-window pairs with a mask in (0.1, 0.9)).
+plus how hard the last soft mask is (share of out-of-window pairs with a mask in (0.1, 0.9)). Until
+commit 725767c the script also had "hard top-k (sequence)" (each head keeping its top share of the
+whole sequence, then the anneal phase's hard part); the anneal phase now blends toward the eviction
+rule itself, so that row would repeat "eviction (deployed)".
 
     OMP_NUM_THREADS=2 .venv/bin/python scripts/lkv_soft_hard_check.py ADAPTER [--docs 4] [--out DIR]
 
@@ -80,7 +82,6 @@ def main() -> None:
     lkv = config.lkv
     rows = [nll("soft T=1", phase="soft", lkv=lkv.replace(temperature=1.0)),
             nll(f"soft T={t_end:g}", phase="soft", lkv=lkv.replace(temperature=t_end)),
-            nll("hard top-k (sequence)", phase="anneal", anneal_alpha=1.0, lkv=lkv.replace(temperature=t_end)),
             nll("eviction (deployed)", phase="hard", anneal_alpha=0.0, lkv=lkv),
             nll("budget 1 (keep all)", phase="hard", lkv=lkv.replace(budget=1.0))]
     keep_all = rows[-1]["nll"]

@@ -61,13 +61,15 @@ def gated_attention(
     dropout: float = 0.0,
     block_size: int = 512,
     key_death: torch.Tensor | None = None,
+    dead_log_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Full-sequence attention under the SP-KV rule, in query blocks.
 
     query [B, H, Tq, D] are the last Tq of the Tk tokens; key, value [B, Hkv, Tk, D];
     key_log_gate [B, Hkv, Tk]; mask: optional bool [B, 1, Tq, Tk] (True = may attend), e.g. padding;
     key_death: optional [B, Hkv, Tk] long, the first query position that no longer sees each key out
-    of the window (LKV's evictions, spkv.lkv.eviction_times).
+    of the window (LKV's evictions, spkv.lkv.eviction_times); dead_log_gate: optional [B, Hkv, Tk], the
+    log gate from that query on (default -inf: gone; LKV's anneal phase gives the soft remainder).
     Each block scores only the keys up to its last query (the rest are in the future), so the work
     is close to the causal triangle and one block's bias is alive at a time. The bias is per KV
     head; the query heads of a group ride in the batch dimension of the sdpa call, so that one bias
@@ -77,6 +79,7 @@ def gated_attention(
     hkv, tk = key.shape[1], key.shape[2]
     groups, offset = h // hkv, tk - tq
     gate = key_log_gate.to(query.dtype).unsqueeze(2)  # [B, Hkv, 1, Tk]
+    dead = None if dead_log_gate is None else dead_log_gate.to(query.dtype).unsqueeze(2)
     positions = torch.arange(tk, device=query.device)
     out = query.new_empty(b, tq, h, d)
     for start in range(0, tq, block_size):
@@ -87,7 +90,8 @@ def gated_attention(
         g = gate[..., :end]
         if key_death is not None:  # evicted keys: gone out of the window from their eviction on
             q_pos = positions[offset + start : end].view(1, 1, n, 1)
-            g = g.masked_fill(q_pos >= key_death[..., :end].unsqueeze(2), float("-inf"))
+            gone = q_pos >= key_death[..., :end].unsqueeze(2)
+            g = g.masked_fill(gone, float("-inf")) if dead is None else torch.where(gone, dead[..., :end], g)
         bias = window_bias(dist, window, g, visible)  # [B, Hkv, n, end]
         if visible is not None:  # padding queries see nothing: give them a finite, unused result
             bias = bias.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
@@ -250,10 +254,11 @@ def _lkv_attention(scorer, query, key, value, attention_mask, dropout, scaling) 
         attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
     valid = attention_mask[:, 0, -1, :] if attention_mask is not None else None
     scores = scorer(key, value).transpose(1, 2)  # [B, Hkv, T]
-    gate, death = sequence_gate(scores, scorer.shares, config, valid)
+    gate, death, dead = sequence_gate(scores, scorer.shares, config, valid)
     if death is None and attention_mask is None and dropout == 0.0 and query.device.type == "cpu":
         return flash_gated_attention(query, key, value, gate, config.window, scaling)
-    return gated_attention(query, key, value, gate, config.window, scaling, attention_mask, dropout, key_death=death)
+    return gated_attention(query, key, value, gate, config.window, scaling, attention_mask, dropout, key_death=death,
+                           dead_log_gate=dead)
 
 
 # Attention variants some families pass to the attention function; the gated rule implements none of

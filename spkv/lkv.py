@@ -18,7 +18,8 @@ same compact cache as SP-KV (docs/design.md, "LKV").
   lowest-scored pairs (ties: the newer goes). `eviction_times` is the same rule on a whole sequence.
 * Training: a soft top-k per (sequence, head), a sigmoid mask whose threshold is solved so the mask
   sums to the head's budget over the sequence's out-of-window pairs, added as log-mask to the
-  out-of-window logits (the same gated attention as SP-KV); its temperature anneals toward hard.
+  out-of-window logits (the same gated attention as SP-KV); its temperature anneals toward hard,
+  and the anneal phase blends it with the causal eviction rule itself.
 """
 
 from __future__ import annotations
@@ -226,28 +227,33 @@ def shares_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dic
 
 
 def sequence_gate(scores: torch.Tensor, shares: torch.Tensor, config: SPKVConfig, valid: torch.Tensor | None):
-    """Training and full-sequence forward: scores [B, Hkv, T] -> (log gate [B, Hkv, T], eviction
-    times [B, Hkv, T] or None). Soft: log of the soft top-k mask (sums to share x the sequence's
-    out-of-window pairs). Anneal: log((1 - a) soft + a hard). Hard: the exact eviction rule, as
-    eviction times (the log gate is then 0)."""
+    """Training and full-sequence forward: scores [B, Hkv, T] -> (log gate [B, Hkv, T], eviction times
+    [B, Hkv, T] or None, log gate after eviction [B, Hkv, T] or None: -inf if None).
+
+    Soft: log of the soft top-k mask (sums to share x the sequence's out-of-window pairs). Hard: the
+    exact eviction rule, as eviction times (the log gate is 0). Anneal: the blend (1 - a) soft + a hard
+    with the hard part the same causal eviction rule, so a pair weighs (1 - a) soft + a until its
+    eviction and (1 - a) soft after it; at a = 1 it is the hard rule exactly."""
     lkv = config.lkv
     b, hkv, t = scores.shape
     valid = torch.ones(b, t, dtype=torch.bool, device=scores.device) if valid is None else valid
-    if config.phase == "hard":
+    death = None
+    if config.phase != "soft":
         death = eviction_times(scores.detach(), shares.detach(), config.window, lkv.exit_every, config.sinks, valid)
-        return torch.zeros_like(scores), death
+    if config.phase == "hard":
+        return torch.zeros_like(scores), death, None
     real_rank = valid.long().cumsum(-1) - 1
     sink = valid & (real_rank < config.sinks)
     far = valid & ~sink & (torch.arange(t, device=scores.device) < t - config.window)  # out of window for some query
     mask = far.unsqueeze(1).expand(b, hkv, t)
     k = shares.float().view(1, hkv) * far.sum(-1, keepdim=True).float()
     soft = soft_topk(scores, k, mask, lkv.temperature) if far.any() else scores.new_zeros(b, hkv, t).float()
-    if config.phase == "anneal":
-        hard = keep_order(scores.detach().float().masked_fill(~mask, float("-inf")), torch.arange(t, device=scores.device).expand(b, hkv, t))
-        hard = (hard < k.floor().long().unsqueeze(-1)) & mask
-        soft = (1 - config.anneal_alpha) * soft + config.anneal_alpha * hard.float()
-    gate = torch.log(soft.clamp_min(1e-30)).masked_fill(~mask, 0.0)
-    return gate.to(scores.dtype), None
+    if config.phase == "soft":
+        return torch.log(soft.clamp_min(1e-30)).masked_fill(~mask, 0.0).to(scores.dtype), None, None
+    a = config.anneal_alpha
+    alive = torch.log(((1 - a) * soft + a).clamp_min(1e-30)).masked_fill(~mask, 0.0)
+    dead = torch.log(((1 - a) * soft).clamp_min(1e-30)) if a < 1 else torch.full_like(soft, float("-inf"))
+    return alive.to(scores.dtype), death, dead.to(scores.dtype)
 
 
 def set_budget(model: nn.Module, budget: float) -> SPKVConfig:

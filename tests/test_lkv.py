@@ -218,6 +218,29 @@ def test_chunked_prefill_and_decode_equal_the_full_sequence_rule(family):
             assert set(layer.kept_positions(bi, hi).tolist()) == expected
 
 
+def test_anneal_blends_the_soft_mask_with_the_causal_eviction_rule():
+    """a = 0 is the soft forward, a = 1 the hard (deployed) rule exactly; in between the scorer gets
+    gradients, and near 1 the forward is near the hard rule."""
+    model = _lkv_model(sinks=1)
+    model.train()
+    ids = torch.randint(3, 90, (2, 60))
+    lkv = model.spkv_config.lkv.replace(temperature=0.3)
+
+    def logits(**changes):
+        spkv.update_config(model, lkv=lkv, **changes)
+        return model(input_ids=ids, use_cache=False).logits
+
+    with torch.no_grad():
+        soft, hard = logits(phase="soft"), logits(phase="hard")
+        assert (soft - hard).abs().max() > 1e-2  # the phases differ: the comparisons below can fail
+        assert torch.allclose(logits(phase="anneal", anneal_alpha=0.0), soft, atol=1e-5)
+        assert torch.allclose(logits(phase="anneal", anneal_alpha=1.0), hard, atol=1e-5)
+        near = (logits(phase="anneal", anneal_alpha=0.999) - hard).abs().max()
+        assert near < 0.1 * (soft - hard).abs().max()
+    logits(phase="anneal", anneal_alpha=0.9).square().mean().backward()
+    assert all(s.w1.grad is not None and s.w1.grad.abs().sum() > 0 for s in scorers(model).values())
+
+
 def test_left_padded_batch_equals_the_full_sequence_rule_and_each_sequence_alone():
     model = _lkv_model(sinks=1)
     ids = torch.randint(3, 90, (2, 50))
