@@ -14,7 +14,7 @@ from spkv import load_adapter as spkv_load
 from spkv.cache import SPKVCache
 from spkv.cli import main
 from spkv.compat import cache_kwarg
-from spkv.data.heldout import HeldoutSet
+from spkv.data.heldout import HeldoutSet, heldout_set
 from spkv.eval.analysis import analyze, fit_line, kept_counted
 from spkv.eval.kvzap import (
     fit_kvzap,
@@ -179,6 +179,34 @@ def test_eval_matched_and_analyze_cli(tmp_path, monkeypatch):
           "--out", str(tmp_path / "analysis")])
     analysis = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
     assert len(analysis["documents"]) == 3 and (tmp_path / "analysis" / "density_heatmap.png").exists()
+
+
+def test_frozen_llm_table_runs_the_baselines_on_the_base_model(tmp_path, monkeypatch):
+    """--control base: no control row, dNLL% against the base model, and a baseline row is that
+    baseline run on the untouched base model (rerun here at its calibrated threshold)."""
+    path = _learned_adapters(tmp_path)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    g = torch.Generator().manual_seed(1)
+    docs = [{"id": f"h{i}", "source": "words", "text": " ".join(f"w{int(j)}" for j in torch.randint(0, 60, (320,), generator=g))}
+            for i in range(2)]
+    for split in ("train", "heldout"):
+        (corpus / f"{split}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    monkeypatch.setenv("SPKV_CORPUS", str(corpus))
+    out = tmp_path / "frozen"
+    main(["eval", "matched", "--model", str(path), "--adapter", str(tmp_path / "gate"), "--control", "base",
+          "--seq-len", "256", "--sequences", "2", "--calibration-sequences", "1", "--methods", "key_norm",
+          "--exactness-sequences", "0", "--learned", f"lkv={tmp_path / 'lkv'}", "--out", str(out)])
+    result = json.loads((out / "matched.json").read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"base model", "SP-KV", "key_norm", "lkv"} and result["control"] is None
+    assert rows["base model"]["dnll_pct"] == 0.0 and rows["lkv"]["dnll_pct"] == pytest.approx(rows["lkv"]["dnll_pct_vs_base"])
+    model, tokenizer = load_model(str(path))
+    convert(model, SPKVConfig(window=32))
+    data = heldout_set(tokenizer, seq_len=256, max_sequences=2)
+    again = nll_with_policy(model, data, KeyNorm(threshold=rows["key_norm"]["threshold"]), sinks=4, chunk=256)
+    assert again.nll == pytest.approx(rows["key_norm"]["nll"], rel=1e-5) and again.density == pytest.approx(rows["key_norm"]["density"])
+    assert "against the untouched base model" in (out / "matched.md").read_text()
 
 
 def _learned_adapters(tmp_path):

@@ -36,6 +36,7 @@ def cmd_eval_matched(args: argparse.Namespace) -> None:
     from spkv.results import PartialRun, adapter_digest, atomic_write_text, merge_by
 
     learned = _learned_args(args.learned or [], args.methods)
+    control = None if args.control == "base" else args.control  # base: the frozen-LLM table
     _, tokenizer = load_model(args.model)
     data = heldout_set(tokenizer, seq_len=args.seq_len, max_sequences=args.sequences, corpus=args.heldout)
     kvzap_train = None
@@ -47,11 +48,11 @@ def cmd_eval_matched(args: argparse.Namespace) -> None:
                              exactness_sequences=args.exactness_sequences, exactness_tokens=args.exactness_tokens)
     # what the table's rows depend on: an earlier run's rows are reused only if it matches
     head = {"model": args.model, "adapter": args.adapter, "adapter_sha256": adapter_digest(args.adapter),
-            "control": args.control, "control_sha256": adapter_digest(args.control), "tau": args.tau,
+            "control": control, "control_sha256": None if control is None else adapter_digest(control), "tau": args.tau,
             "seq_len": int(data.input_ids.shape[1]), "doc_ids": data.doc_ids, "settings": asdict(settings)}
     run = PartialRun(out, "matched")
     done = merge_by(_same_table(run.earlier(), head, out)[:1], "rows", "method") if args.resume else {}
-    result = compare(args.model, args.adapter, args.control, args.tau, args.methods, data, settings, out,
+    result = compare(args.model, args.adapter, control, args.tau, args.methods, data, settings, out,
                      kvzap_train=kvzap_train, done=done, save=lambda partial: run.save({**head, **partial}), learned=learned)
     result = {**result, **head}
     atomic_write_text(out / "matched.md", matched_markdown(result))
@@ -227,7 +228,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     em = esub.add_parser("matched", help="SP-KV vs post-hoc baselines at matched density (the paper's main table)")
     em.add_argument("--model", default="smollm2-135m")
     em.add_argument("--adapter", required=True)
-    em.add_argument("--control", required=True, help="the dense control's adapter: baselines run on it and dNLL%% is against it")
+    em.add_argument("--control", required=True, help="the dense control's adapter: baselines run on it and dNLL%% is against it; "
+                    "'base': they run on the untouched base model, against it (the reference for frozen-LLM learned rows)")
     em.add_argument("--tau", type=float, default=0.5, help="SP-KV threshold; its density is the baselines' target")
     em.add_argument("--methods", nargs="+", default=["streaming", "h2o", "tova", "key_norm", "expected_attention", "kvzap", "random"],
                     help="scoring policies (spkv.policies.POLICIES)")

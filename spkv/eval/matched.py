@@ -145,7 +145,7 @@ def _scale_budget(model: torch.nn.Module, data: HeldoutSet, budget: float, targe
     return best
 
 
-def compare(model_name: str, adapter: str, control: str, tau: float, methods: list[str], data: HeldoutSet,
+def compare(model_name: str, adapter: str, control: str | None, tau: float, methods: list[str], data: HeldoutSet,
             settings: MatchSettings, out: Path, kvzap_train: torch.Tensor | None = None,
             done: dict[str, dict[str, Any]] | None = None, save: Callable[[dict[str, Any]], None] | None = None,
             learned: dict[str, str] | None = None) -> dict[str, Any]:
@@ -153,9 +153,12 @@ def compare(model_name: str, adapter: str, control: str, tau: float, methods: li
     then each `learned` adapter (label -> folder) at that density (learned_row).
 
     `done` holds rows of an interrupted run (by method) that are reused (a learned row only if its
-    adapter's weights are the same); `save` is called after every row so a long run can resume."""
-    from spkv.adapter import load_adapter
-    from spkv.convert import set_threshold
+    adapter's weights are the same); `save` is called after every row so a long run can resume.
+    control=None: the baselines run on the untouched base model and dNLL% is against it, the fair
+    reference for learned systems trained with the LLM frozen."""
+    from spkv.adapter import load_adapter, read_adapter_config
+    from spkv.config import SPKVConfig
+    from spkv.convert import convert, set_threshold
     from spkv.models import load_model
 
     done = dict(done or {})
@@ -177,14 +180,18 @@ def compare(model_name: str, adapter: str, control: str, tau: float, methods: li
 
     base = run("base model", lambda: full("base model"))
     spkv = run("SP-KV", lambda: full("SP-KV", adapter, tau))
-    reference = run("dense control", lambda: full("dense control", control))
-    model, _ = load_model(model_name)  # the baselines run on the dense control
-    load_adapter(model, control)
+    reference = base if control is None else run("dense control", lambda: full("dense control", control))
+    model, _ = load_model(model_name)  # the baselines run on the dense control (or the base model)
+    if control is None:
+        convert(model, SPKVConfig(window=read_adapter_config(adapter)["spkv"]["window"]))
+    else:
+        load_adapter(model, control)
     model.eval()
+    control_digest = "base model" if control is None else adapter_digest(control)
     target = spkv["density"]
     for method in methods:
         if method == "kvzap":
-            run(method, lambda: _kvzap_row(model, data, target, settings, out, kvzap_train, adapter_digest(control)))
+            run(method, lambda: _kvzap_row(model, data, target, settings, out, kvzap_train, control_digest))
         else:
             run(method, lambda m=method: matched_row(model, data, m, target, settings))
     model = None  # free the control: each learned row loads its own model
@@ -228,18 +235,20 @@ def _kvzap_row(model: torch.nn.Module, data: HeldoutSet, target: float, settings
 
 
 def matched_markdown(result: dict[str, Any]) -> str:
+    on = "the dense control" if result["control"] is not None else "the untouched base model"
     lines = [
         f"Held-out NLL of {result['model']} at {result['seq_len']} tokens on {result['sequences']} documents never seen in "
-        f"training. Baselines run on the dense control through the compressed cache (window 128, {result['settings']['sinks']} "
+        f"training. Baselines run on {on} through the compressed cache (window 128, {result['settings']['sinks']} "
         f"sinks, prefill chunk {result['settings']['exact_chunk']} for write-time scores and "
         f"{result['settings']['chunk']} for attention-based ones), each threshold calibrated to SP-KV's density "
         f"({100 * result['target_density']:.1f}% at tau {result['tau']:g}) within {100 * result['settings']['tolerance']:.0f} point. "
-        "dNLL% is against the dense control (± paired standard error over documents)."
+        f"dNLL% is against {on} (± paired standard error over documents)."
         + (" Rows with a knob in brackets are other learned adapters on their own weights, through the same cache with "
            "the sinks they were trained with: an SP-KV gate's tau calibrated, an LKV model's budget r scaled, to the same "
            "density." if any(r.get("knob") for r in result["rows"]) else ""),
         "",
-        "| method | threshold | density (layers x heads) | density (token-weighted) | NLL | dNLL% vs control | "
+        "| method | threshold | density (layers x heads) | density (token-weighted) | NLL | "
+        f"dNLL% vs {'control' if result['control'] is not None else 'base'} | "
         "dNLL% vs base | chunking error (NLL and density, chunked minus exact) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
