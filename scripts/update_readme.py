@@ -32,6 +32,7 @@ BLOCKS = {
        for n in ("8k", "2k")},
     "train_options": ("results/train/options.md", "results/train/options.json"),
     "matched": ("results/eval/smollm2/matched.md", "results/eval/smollm2/matched.json"),
+    "matched_frozen": ("results/eval/smollm2-frozen/matched.md", "results/eval/smollm2-frozen/matched.json"),
     "analysis": ("results/analysis/smollm2/analysis.md", "results/analysis/smollm2/analysis.json"),
     "hybrids": ("results/hybrid/smollm2/hybrids.md", "results/hybrid/smollm2/hybrids.json"),
     "tasks": ("results/tasks/gemma3/tasks.md", "results/tasks/gemma3/tasks.json"),
