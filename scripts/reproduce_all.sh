@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 stamps=runs/reproduce
 mkdir -p $stamps
 
-STEP_ORDER=(data core train_reg25 train_smollm2 eval_smollm2 train_options eval_matched analyze hybrids
+STEP_ORDER=(data core train_reg25 train_smollm2 eval_smollm2 train_options eval_matched train_lkv eval_frozen analyze hybrids
             train_gemma3 eval_nll_gemma3 eval_tasks_gemma3 bench readme)
 
 set_aside() {  # move committed result files of a step aside, once, before it first starts
@@ -40,6 +40,8 @@ run_step() {
       bash scripts/train_options_smollm2.sh
       .venv/bin/python scripts/options_report.py ;;
     eval_matched) ANALYZE=0 bash scripts/eval_matched_smollm2.sh ;;
+    train_lkv) RUNS="lkv-frozen-hardened wg-frozen-hardened lkv-uniform-hardened" bash scripts/train_lkv_smollm2.sh ;;
+    eval_frozen) bash scripts/eval_frozen_smollm2.sh ;;
     analyze) bash scripts/analyze_smollm2.sh ;;
     hybrids)
       bash scripts/train_hybrids_smollm2.sh
