@@ -298,7 +298,7 @@ def test_analyze_an_lkv_model_measures_its_cache_and_maps_its_budgets(tmp_path):
 
 
 def test_matched_cli_reuses_only_tables_of_the_same_inputs_and_checks_learned_labels(tmp_path, capsys):
-    from spkv.cli.eval import _learned_args, _same_table
+    from spkv.cli.eval import _learned_args, _reusable_rows, _same_table
 
     head = {"model": "m", "adapter": "a", "adapter_sha256": "x", "tau": 0.5, "seq_len": 2048, "doc_ids": ["d0"]}
     older = {k: v for k, v in head.items() if k != "adapter_sha256"}  # written before the digests were recorded
@@ -306,6 +306,11 @@ def test_matched_cli_reuses_only_tables_of_the_same_inputs_and_checks_learned_la
     other_len = {**head, "seq_len": 1024}
     assert _same_table([retrained, other_len, older, head], head, tmp_path) == [older, head]
     assert "adapter_sha256" in capsys.readouterr().err
+    # a run stopped after a finished one: its partial rows win, the finished run's others are kept
+    partial = {**head, "rows": [{"method": "h2o", "nll": 1.0}]}
+    final = {**head, "rows": [{"method": "h2o", "nll": 2.0}, {"method": "lkv", "nll": 3.0}]}
+    assert _reusable_rows([partial, final, {**retrained, "rows": [{"method": "x"}]}], head, tmp_path) == {
+        "h2o": {"method": "h2o", "nll": 1.0}, "lkv": {"method": "lkv", "nll": 3.0}}
     (tmp_path / "lkv").mkdir()
     (tmp_path / "lkv" / "adapter_config.json").write_text("{}")
     assert _learned_args([f"LKV frozen={tmp_path / 'lkv'}"], ["h2o"]) == {"LKV frozen": str(tmp_path / "lkv")}

@@ -33,7 +33,7 @@ def cmd_eval_matched(args: argparse.Namespace) -> None:
     from spkv.data.heldout import heldout_set
     from spkv.eval.matched import MatchSettings, compare, matched_markdown, plot_matched
     from spkv.models import load_model
-    from spkv.results import PartialRun, adapter_digest, atomic_write_text, merge_by
+    from spkv.results import PartialRun, adapter_digest, atomic_write_text
 
     learned = _learned_args(args.learned or [], args.methods)
     control = None if args.control == "base" else args.control  # base: the frozen-LLM table
@@ -51,7 +51,7 @@ def cmd_eval_matched(args: argparse.Namespace) -> None:
             "control": control, "control_sha256": None if control is None else adapter_digest(control), "tau": args.tau,
             "seq_len": int(data.input_ids.shape[1]), "doc_ids": data.doc_ids, "settings": asdict(settings)}
     run = PartialRun(out, "matched")
-    done = merge_by(_same_table(run.earlier(), head, out)[:1], "rows", "method") if args.resume else {}
+    done = _reusable_rows(run.earlier(), head, out) if args.resume else {}
     result = compare(args.model, args.adapter, control, args.tau, args.methods, data, settings, out,
                      kvzap_train=kvzap_train, done=done, save=lambda partial: run.save({**head, **partial}), learned=learned)
     result = {**result, **head}
@@ -59,6 +59,14 @@ def cmd_eval_matched(args: argparse.Namespace) -> None:
     plot_matched(result, out)
     run.finish(result)
     print(matched_markdown(result))
+
+
+def _reusable_rows(runs: list[dict], head: dict, out: Path) -> dict[str, dict]:
+    """Rows (by method) of the earlier runs of the same table, the partial file's first: a run
+    stopped after a finished one holds only the rows it reached, the finished one the rest."""
+    from spkv.results import merge_by
+
+    return merge_by(_same_table(runs, head, out), "rows", "method")
 
 
 def _same_table(runs: list[dict], head: dict, out: Path) -> list[dict]:
