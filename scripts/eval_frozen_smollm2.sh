@@ -5,8 +5,8 @@
 # shipped SP-KV adapter's density (29.6% at tau 0.5), dNLL% against the base model. The main table
 # (eval_matched_smollm2.sh) runs its baselines on the fine-tuned dense control, which is 5.6% better
 # than the base model on this text: a frozen LLM starts that far behind there.
-# The learned rows run first (with streaming), then the other baselines. Resumable. THREADS sets torch
-# threads. Needs `spkv data` first -> results/eval/smollm2-frozen.
+# Resumable (a stopped run keeps its rows in matched.partial.json, and a finished table only adds
+# rows). THREADS sets torch threads. Needs `spkv data` first -> results/eval/smollm2-frozen.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
@@ -18,10 +18,8 @@ for row in "SP-KV gate, LLM frozen=adapters/lkv/smollm2-135m-wg-frozen" \
            "LKV, uniform budgets, 4 sinks, hardened=adapters/lkv/smollm2-135m-lkv-uniform-hardened"; do
   [ -f "${row#*=}/adapter_config.json" ] && learned+=("$row")
 done
-run() {
-  .venv/bin/spkv eval matched --model smollm2-135m --adapter adapters/smollm2-135m-spkv --control base --tau 0.5 \
-      --seq-len 2048 --sequences 16 --calibration-sequences 2 --chunk 32 --exactness-sequences 1 --exactness-tokens 1024 \
-      --out results/eval/smollm2-frozen --resume ${learned[@]+--learned "${learned[@]}"} --methods "$@"
-}
-run streaming
-run streaming ${METHODS:-kvzap expected_attention h2o key_norm random tova}
+# shellcheck disable=SC2086
+.venv/bin/spkv eval matched --model smollm2-135m --adapter adapters/smollm2-135m-spkv --control base --tau 0.5 \
+    --seq-len 2048 --sequences 16 --calibration-sequences 2 --chunk 32 --exactness-sequences 1 --exactness-tokens 1024 \
+    --out results/eval/smollm2-frozen --resume ${learned[@]+--learned "${learned[@]}"} \
+    --methods ${METHODS:-streaming kvzap expected_attention h2o key_norm random tova}

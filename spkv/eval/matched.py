@@ -248,7 +248,7 @@ def matched_markdown(result: dict[str, Any]) -> str:
            "density." if any(r.get("knob") for r in result["rows"]) else ""),
         "",
         "| method | threshold | density (layers x heads) | density (token-weighted) | NLL | "
-        f"dNLL% vs {'control' if result['control'] is not None else 'base'} | "
+        f"dNLL% vs {'control' if result['control'] is not None else 'base (± paired s.e.)'} | "
         "dNLL% vs base | chunking error (NLL and density, chunked minus exact) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
