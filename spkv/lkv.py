@@ -252,8 +252,8 @@ def sequence_gate(scores: torch.Tensor, shares: torch.Tensor, config: SPKVConfig
         return torch.log(soft.clamp_min(1e-30)).masked_fill(~mask, 0.0).to(scores.dtype), None, None
     a = config.anneal_alpha
     alive = torch.log(((1 - a) * soft + a).clamp_min(1e-30)).masked_fill(~mask, 0.0)
-    dead = torch.log(((1 - a) * soft).clamp_min(1e-30)) if a < 1 else torch.full_like(soft, float("-inf"))
-    return alive.to(scores.dtype), death, dead.to(scores.dtype)
+    dead = torch.log(((1 - a) * soft).clamp_min(1e-30)).to(scores.dtype) if a < 1 else None  # None: gone
+    return alive.to(scores.dtype), death, dead
 
 
 def set_budget(model: nn.Module, budget: float) -> SPKVConfig:

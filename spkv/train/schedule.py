@@ -33,12 +33,12 @@ def phase_at(cfg: TrainConfig, step: int) -> tuple[str, float]:
     one, alpha rising linearly to HARDEN_ALPHA while the predictors still train, then the hard part
     (predictors frozen), annealed over anneal_steps unless hardening already took alpha near 1."""
     hard_start = soft_end(cfg)
+    harden = round(hard_start * cfg.harden_fraction)
+    if step < hard_start - harden:
+        return "soft", 0.0
     if step < hard_start:
-        harden = round(hard_start * cfg.harden_fraction)
-        if step < hard_start - harden:
-            return "soft", 0.0
         return "anneal", HARDEN_ALPHA * (step - (hard_start - harden) + 1) / harden
-    if cfg.harden_fraction:
+    if harden:
         return "hard", 1.0
     anneal = max(1, min(cfg.anneal_steps, cfg.total_steps - hard_start))
     alpha = min(1.0, (step - hard_start + 1) / anneal)
