@@ -23,3 +23,8 @@ done
     --seq-len 2048 --sequences 16 --calibration-sequences 2 --chunk 32 --exactness-sequences 1 --exactness-tokens 1024 \
     --out results/eval/smollm2-frozen --resume ${learned[@]+--learned "${learned[@]}"} \
     --methods ${METHODS:-streaming kvzap expected_attention h2o key_norm random tova}
+# the paired differences quoted in docs/lkv.md -> results/eval/smollm2-frozen/paired_rows.json
+hard="LKV, LLM frozen, 4 sinks, hardened"
+[ -f adapters/lkv/smollm2-135m-lkv-uniform-hardened/adapter_config.json ] && \
+  .venv/bin/python scripts/paired_rows.py results/eval/smollm2-frozen/matched.json "$hard" "LKV, uniform budgets, 4 sinks, hardened" \
+      "$hard" kvzap "SP-KV gate, LLM frozen, 4 sinks, hardened" kvzap
