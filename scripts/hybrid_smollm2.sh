@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 18 on SmolLM2-135M: the dense probe, layouts of every design at KV budget 0.3 (the shipped
 # SP-KV adapter's 29.6% density; random-head: 3 seeds), learned-head and interleave also at 0.15 and
-# 0.5 (DESIGNS_MORE changes which designs get the extra budgets), four designs at 0.3 with 4 sink
-# tokens in the local units (DESIGNS_SINKS), and the equal-memory
+# 0.5 (DESIGNS_MORE changes which designs get the extra budgets), four designs and the 3 random seeds at 0.3
+# with 4 sink tokens in the local units (DESIGNS_SINKS), and the equal-memory
 # comparison on 16 held-out documents at 2k: dense control, SP-KV at tau 0.5, each layout post-hoc on
 # the control's weights, and each trained hybrid in adapters/hybrids/ (scripts/train_hybrids_smollm2.sh).
 # Resumable (an interrupted comparison keeps its rows). Needs `spkv data`. THREADS sets torch threads.
@@ -38,6 +38,12 @@ for design in ${DESIGNS_SINKS:-learned-head learned-layer probe-head interleave}
   [[ $design == probe-* ]] && scores=$out/probe.json
   f=$layouts/$design-0.3-sinks4.json
   [ -f $f ] || .venv/bin/spkv hybrid design --scores $scores --budget 0.3 --design $design --sinks 4 --out $f
+  files+=($f)
+done
+for seed in 0 1 2; do
+  f=$layouts/random-head-s$seed-0.3-sinks4.json
+  [ -f $f ] || .venv/bin/spkv hybrid design --scores results/analysis/smollm2/analysis.json --budget 0.3 \
+      --design random-head --seed $seed --sinks 4 --out $f
   files+=($f)
 done
 trained=$(ls -d adapters/hybrids/smollm2-135m-* 2>/dev/null || true)

@@ -31,7 +31,7 @@ from spkv.results import atomic_write_text, write_json  # noqa: E402
 
 # Functions whose cumulative time cProfile reports (file suffix, function name).
 FUNCTIONS = [
-    ("spkv/cache.py", "attend"), ("spkv/cache.py", "_evict"), ("spkv/cache.py", "update"),
+    ("spkv/cache_layer.py", "attend"), ("spkv/cache_layer.py", "_evict"), ("spkv/cache_layer.py", "update"),
     ("spkv/cache.py", "begin_forward"), ("spkv/convert.py", "_predictor_hook"), ("spkv/attention.py", "window_bias"),
     ("spkv/window.py", "append"), ("spkv/store.py", "attend"), ("spkv/store.py", "append"),
 ]

@@ -11,7 +11,7 @@ import torch
 import spkv
 from spkv.bench import common, decode, prefill
 from spkv.bench.decode_report import decode_markdown
-from spkv.cache import SPKVLayer
+from spkv.cache_layer import SPKVLayer
 from spkv.cli import main
 from spkv.convert import predictors
 

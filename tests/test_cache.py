@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import spkv
-from spkv.cache import EXIT_BATCH, SPKVLayer
+from spkv.cache import EXIT_BATCH
+from spkv.cache_layer import SPKVLayer
 from spkv.compat import CACHE_ARG, cache_argument, cache_kwarg, output_cache
 from spkv.policies import (
     H2O,

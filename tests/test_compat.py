@@ -71,7 +71,7 @@ def test_auto_cache_switch():
 def test_cache_layer_interface():
     """3. The methods transformers calls on cache layers exist on CacheLayerMixin and on spkv's layer,
     and default_layers builds transformers' own layers (sliding ones where the config says so)."""
-    from spkv.cache import SPKVLayer
+    from spkv.cache_layer import SPKVLayer
 
     for name in compat.CACHE_LAYER_METHODS:
         assert callable(getattr(compat.CacheLayerMixin, name, None)), name

@@ -13,7 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import Cache, DynamicLayer
 
 from spkv.bench.machine import MIB, weight_bytes, weight_bytes_read
-from spkv.cache import SPKVCache, SPKVLayer
+from spkv.cache import SPKVCache
+from spkv.cache_layer import SPKVLayer
 from spkv.compat import CACHE_ARG
 from spkv.config import SPKVConfig
 from spkv.convert import convert
