@@ -13,7 +13,11 @@
 # hybrid: issue 18's exported per-layer hybrid (learned-layer at budget 0.3 on the dense control's
 # weights, exported to runs/export/) against static, window-only and SP-KV's cache at a forced 30%
 # density (RandomPolicy, the density-30 row: the same KV share), at
-# 8k-32k x batch 8, into results/bench/hybrid/.
+# 8k-32k x batch 8, into results/bench/hybrid/; interleaved (the caches of each context timed in turn,
+# all alive at once: at 32k the group's KV would pass --max-kv-gib 17 with density-30, which is skipped).
+# decode-interleaved: issue 20's rows (density 25% against static and window-only at 8k-32k x batch 8
+# and 16), interleaved the same way, into results/bench/decode_interleaved/; 32k x 16 static would need
+# 22.5 GiB of KV and is skipped on a 23.5 GiB machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
@@ -22,6 +26,10 @@ for part in ${PARTS:-decode prefill train}; do
     decode)
       .venv/bin/spkv bench decode --model smollm2-135m --adapter adapters/smollm2-135m-spkv \
           --contexts 1024 4096 8192 16384 32768 --batch-sizes 1 8 16 --steps 16 --repeats 2 --warmup 2 ;;
+    decode-interleaved)  # issue 20's targets: the caches of each (context, batch) timed in turn (~25 min)
+      .venv/bin/spkv bench decode --model smollm2-135m --caches static density-25 window-only --interleave \
+          --contexts 8192 16384 32768 --batch-sizes 8 16 --steps 16 --repeats 4 --warmup 2 --max-kv-gib 15 \
+          --out results/bench/decode_interleaved ;;
     decode-gemma3)
       .venv/bin/spkv bench decode --model gemma3-270m --adapter adapters/gemma3-270m-spkv \
           --caches static spkv-adapter density-25 window-only --contexts 8192 32768 --batch-sizes 1 8 \
@@ -45,10 +53,10 @@ for part in ${PARTS:-decode prefill train}; do
           --out runs/export/smollm2-learned-layer-0.3
       .venv/bin/spkv bench decode --model smollm2-135m --caches static window-only export-sliding hybrid-export density-30 \
           --hybrid-export runs/export/smollm2-learned-layer-0.3 --contexts 8192 16384 32768 --batch-sizes 8 \
-          --steps 16 --repeats 2 --warmup 2 --out results/bench/hybrid ;;
+          --steps 16 --repeats 4 --warmup 2 --interleave --max-kv-gib 17 --out results/bench/hybrid ;;
     profile)
       .venv/bin/python scripts/profile_decode.py --contexts 8192 --steps 6 --threads 1 --name decode_profile ;;
     *)
-      echo "bench.sh: unknown part '$part' (decode, decode-gemma3, prefill, prefill-lkv, lkv-scorer, train, hybrid, profile)" >&2; exit 2 ;;
+      echo "bench.sh: unknown part '$part' (decode, decode-interleaved, decode-gemma3, prefill, prefill-lkv, lkv-scorer, train, hybrid, profile)" >&2; exit 2 ;;
   esac
 done

@@ -6,9 +6,10 @@
 #   lkv-uniform  the same with every head at share r (the budgets ablation)
 #   lkv-lora     LKV with the LLM adapted by LoRA (joint)
 #   wg-frozen    SP-KV's write gate with the LLM frozen (WG-KV-like), density regulariser at 0.3
-#   NAME-hardened  (lkv-frozen, lkv-uniform, wg-frozen) the same with 4 sinks and the last half of the
-#                run hardened (--harden-fraction 0.5: the hard mask mixed in while the gates train): a
-#                frozen LLM adapts to nothing, so the gates must learn under the mask they deploy with
+#   NAME-hardened  (any of the above) the same with 4 sinks and the last half of the run hardened
+#                (--harden-fraction 0.5: the hard mask mixed in while the gates train): a frozen LLM
+#                adapts to nothing, so the gates must learn under the mask they deploy with; for
+#                lkv-lora it keeps the recipe equal to lkv-frozen-hardened but for the LoRA
 # Precision follows the hardware (bf16 where native, else fp32). Resumable. THREADS (default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -106,6 +106,39 @@ def test_decode_skips_over_memory_budget_and_rejects_unknown_cache():
         decode.parse_cache("density-0")
 
 
+def test_decode_interleave_times_the_caches_of_a_group_in_turn(monkeypatch):
+    order = []
+    real = decode.time_repeat
+
+    def recording(s, filled, track_rss=True):
+        order.append((filled.row.cache, filled.row.context))
+        real(s, filled, track_rss)
+
+    monkeypatch.setattr(decode, "time_repeat", recording)
+    given = {"caches": ["static", "density-25", "window-only"], "interleave": True, "bandwidth_mib": 8,
+             "contexts": [64, 96], "batch_sizes": [1], "repeats": 2}
+    result = decode.run_decode(common.settings_from(decode.DecodeSettings, given, decode.QUICK_DECODE), progress=False)
+    caches = ["static", "density-25", "window-only"]
+    assert order == [(c, ctx) for ctx in (64, 96) for _ in range(2) for c in caches]
+    rows = result["rows"]
+    assert [(r["cache"], r["context"]) for r in rows] == [(c, ctx) for ctx in (64, 96) for c in caches]
+    assert all(r["status"] == "ok" and len(r["step_ms_repeat_means"]) == 2 for r in rows)
+    assert all(r["ideal_ms"] > 0 for r in rows if r["cache"] == "density-25")
+    assert any("interleave" in note for note in result["notes"])
+
+
+def test_decode_interleave_bounds_the_group_memory():
+    """Both full caches fit --max-kv-gib alone, not together: the second of the group is skipped."""
+    s = common.settings_from(decode.DecodeSettings, {"caches": ["static", "dynamic"], "interleave": True, "bandwidth_mib": 8,
+                                                     "contexts": [64], "batch_sizes": [1]}, decode.QUICK_DECODE)
+    pool = common.ModelPool(s.model, common.DTYPES[s.dtype], s.window, None, None)
+    one = decode.expected_kv_bytes(s, decode.parse_cache("static"), pool.get("base"), 64, 1)
+    s.max_kv_gib = 1.5 * one / 2**30
+    static, dynamic = decode.run_decode(s, progress=False)["rows"]
+    assert static["status"] == "ok"
+    assert dynamic["status"].startswith("skipped: memory (the interleaved group") and dynamic["step_ms"] is None
+
+
 def test_prefill_quick(tmp_path):
     main(["bench", "prefill", "--quick", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "prefill.json").read_text())
@@ -184,7 +217,7 @@ def test_synthetic_fill_matches_model_fill(name):
         token = decode.fill_cache(model, cache, fill, ids if fill == "model" else None, batch, context, chunk)
         assert token.shape == (batch, 1)
         assert int(cache.get_seq_length()) == context
-        (times,) = decode.time_decode(model, cache, token, warmup=0, steps=steps, repeats=1)
+        (times,), _ = decode.time_decode(model, cache, token, warmup=0, steps=steps, repeats=1)
         assert len(times) == steps
         assert int(cache.get_seq_length()) == context + steps
         caches[fill] = cache

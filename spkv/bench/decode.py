@@ -52,21 +52,18 @@ from spkv.bench.common import (
     ModelPool,
     chunked_prefill,
     kv_bytes,
-    kv_head_shape,
     model_info,
     synthetic_fill,
 )
 from spkv.bench.machine import (
     GIB,
-    MIB,
     RSSSampler,
     measure_bandwidth,
     rss_peak_mib,
     torch_threads,
-    weight_bytes,
     weight_bytes_read,
 )
-from spkv.bench.proportional import add_proportional_cost
+from spkv.bench.proportional import add_proportional_cost, global_share
 from spkv.budget import predicted_kv_bytes
 from spkv.cache import EXIT_BATCH, SPKVCache
 from spkv.compat import CACHE_ARG
@@ -95,6 +92,7 @@ class DecodeSettings:
     bandwidth_mib: int = 512
     dtype: str = "float32"
     threads: int | None = None  # torch threads (None: torch's default)
+    interleave: bool = False  # fill every cache of a (context, batch) first, then time them repeat by repeat in turn
     out: str = "results/bench"
 
 
@@ -174,8 +172,10 @@ class DecodeRow:
     prompt: str = ""
 
 
-def time_decode(model: torch.nn.Module, cache: Cache, token: torch.Tensor, warmup: int, steps: int, repeats: int) -> list[list[float]]:
-    """Seconds of each timed single-token step ([repeats][steps]); step = forward + greedy pick."""
+def time_decode(model: torch.nn.Module, cache: Cache, token: torch.Tensor, warmup: int, steps: int,
+                repeats: int) -> tuple[list[list[float]], torch.Tensor]:
+    """Seconds of each timed single-token step ([repeats][steps]), and the next token [B, 1] to decode
+    from; step = forward + greedy pick."""
     times = []
     with torch.no_grad():
         for i in range(warmup + steps * repeats):
@@ -185,7 +185,7 @@ def time_decode(model: torch.nn.Module, cache: Cache, token: torch.Tensor, warmu
             elapsed = time.perf_counter() - start
             if i >= warmup:
                 times.append(elapsed)
-    return [times[r * steps:(r + 1) * steps] for r in range(repeats)]
+    return [times[r * steps:(r + 1) * steps] for r in range(repeats)], token
 
 
 FILLS = ("synthetic", "model")
@@ -210,8 +210,11 @@ def expected_kv_bytes(s: DecodeSettings, spec: CacheSpec, model: torch.nn.Module
     """KV bytes the row's cache is expected to hold at the end of the run (the memory budget's estimate)."""
     element = next(model.parameters()).element_size()
     full = predicted_kv_bytes(model.config, context + s.warmup + s.steps * s.repeats, batch, element)
-    window_share = min(1.0, s.window / context) if spec.variant in ("converted", "adapter") else 0.0
-    return full * min(1.0, spec.kv_fraction + window_share)
+    fraction = spec.kv_fraction
+    if spec.variant.startswith("export"):  # sliding layers hold the window, full ones every token
+        fraction = global_share(s.hybrid_export) if spec.variant == "export" else 0.0
+    window_share = 0.0 if spec.variant == "base" else min(1.0, s.window / context)
+    return full * min(1.0, fraction + window_share)
 
 
 def skip_reason(s: DecodeSettings, spec: CacheSpec, pool: ModelPool, context: int, batch: int) -> str | None:
@@ -229,8 +232,21 @@ def skip_reason(s: DecodeSettings, spec: CacheSpec, pool: ModelPool, context: in
     return None
 
 
-def decode_row(s: DecodeSettings, spec: CacheSpec, pool: ModelPool, context: int, batch: int, bandwidth: float) -> DecodeRow:
-    """Fill a fresh cache with `context` tokens, then time single-token decode steps."""
+@dataclass
+class _Filled:
+    """A row whose cache is filled and waits for its timed steps."""
+
+    row: DecodeRow
+    model: torch.nn.Module
+    cache: Cache
+    token: torch.Tensor  # [B, 1] the next token to decode from
+    extra: int  # decode steps the row will take in all
+    rss_base: float | None  # MiB, RSS before the fill
+    times: list[list[float]] = field(default_factory=list)  # [repeat][step] seconds
+
+
+def start_row(s: DecodeSettings, spec: CacheSpec, pool: ModelPool, context: int, batch: int) -> DecodeRow | _Filled:
+    """Fill a fresh cache with `context` tokens; a row that will not run comes back as its DecodeRow."""
     row = DecodeRow(spec.name, context, batch, fill=row_fill(s, spec))
     reason = skip_reason(s, spec, pool, context, batch)
     if reason is not None:
@@ -238,7 +254,6 @@ def decode_row(s: DecodeSettings, spec: CacheSpec, pool: ModelPool, context: int
         return row
     extra = s.warmup + s.steps * s.repeats
     model = pool.get(spec.variant)
-    element = next(model.parameters()).element_size()
     row.beyond_model_positions = context + extra > (getattr(model.config, "max_position_embeddings", None) or math.inf)
     ids, row.prompt = pool.prompt(context, batch) if row.fill == "model" else (None, "synthetic (random K/V)")
     with RSSSampler() as rss:
@@ -246,123 +261,78 @@ def decode_row(s: DecodeSettings, spec: CacheSpec, pool: ModelPool, context: int
         start = time.perf_counter()
         token = fill_cache(model, cache, row.fill, ids, batch, context, s.prefill_chunk)
         row.fill_s = time.perf_counter() - start
-        timed = time_decode(model, cache, token, s.warmup, s.steps, s.repeats)
+    row.row_peak_rss_delta_mib = rss.peak_delta_mib
+    return _Filled(row, model, cache, token, extra, rss.baseline)
+
+
+def time_repeat(s: DecodeSettings, filled: _Filled, track_rss: bool = True) -> None:
+    """One timed repeat of the row's steps (after the warmup steps, on its first repeat); track_rss:
+    the row's peak RSS delta (from before its fill) includes the steps' temporaries."""
+    warmup = s.warmup if not filled.times else 0
+    with RSSSampler() as rss:
+        timed, filled.token = time_decode(filled.model, filled.cache, filled.token, warmup, s.steps, 1)
+    filled.times.append(timed[0])
+    row = filled.row
+    if track_rss and rss.peak is not None and filled.rss_base is not None and row.row_peak_rss_delta_mib is not None:
+        row.row_peak_rss_delta_mib = max(row.row_peak_rss_delta_mib, rss.peak - filled.rss_base)
+
+
+def finish_row(filled: _Filled, bandwidth: float) -> DecodeRow:
+    """Step time, bytes and the bandwidth bound of a row whose repeats are timed."""
+    row, model, cache = filled.row, filled.model, filled.cache
     # The mean of a repeat, not the median step: a median would hide the step that takes the batched
     # window exits (one in EXIT_BATCH); a repeat of a multiple of EXIT_BATCH steps pays each exactly.
-    row.step_ms_repeat_means = [1000 * statistics.fmean(rep) for rep in timed]
+    row.step_ms_repeat_means = [1000 * statistics.fmean(rep) for rep in filled.times]
     row.step_ms = statistics.median(row.step_ms_repeat_means)
-    row.tokens_per_s = batch / (row.step_ms / 1000)
+    row.tokens_per_s = row.batch / (row.step_ms / 1000)
     kv = kv_bytes(cache)
     row.kv_bytes_held, row.kv_bytes_read = kv["held"], kv["read"]
-    row.kv_bytes_full = kv.get("full", predicted_kv_bytes(model.config, context + extra, batch, element))
+    element = next(model.parameters()).element_size()
+    row.kv_bytes_full = kv.get("full", predicted_kv_bytes(model.config, row.context + filled.extra, row.batch, element))
     row.density, row.density_token_weighted = kv.get("density"), kv.get("density_token_weighted")
     row.weight_bytes_read = weight_bytes_read(model)
     row.predicted_ms = 1000 * (row.weight_bytes_read + row.kv_bytes_read) / bandwidth
     row.measured_over_predicted = row.step_ms / row.predicted_ms
-    row.row_peak_rss_delta_mib = rss.peak_delta_mib
     row.rss_peak_so_far_mib = rss_peak_mib()
     return row
 
 
-def _model_fill_flops(model: torch.nn.Module, context: int, batch: int) -> float:
-    """Rough FLOPs of a prefill of `context` tokens: weights + attention over the prefix (mean context / 2)."""
-    config = model.config.get_text_config(decoder=True)
-    _, head_dim = kv_head_shape(model)
-    attention = 4 * (context / 2) * config.num_attention_heads * head_dim * config.num_hidden_layers
-    return batch * context * (2 * weight_bytes(model) / next(model.parameters()).element_size() + attention)
+def decode_row(s: DecodeSettings, spec: CacheSpec, pool: ModelPool, context: int, batch: int, bandwidth: float) -> DecodeRow:
+    """Fill a fresh cache with `context` tokens, then time its single-token decode steps."""
+    filled = start_row(s, spec, pool, context, batch)
+    if isinstance(filled, DecodeRow):
+        return filled
+    for _ in range(s.repeats):
+        time_repeat(s, filled)
+    return finish_row(filled, bandwidth)
 
 
-def estimate_decode(s: DecodeSettings, specs: list[CacheSpec], pool: ModelPool, bandwidth: float,
-                    plan: list[tuple[int, int, CacheSpec]]) -> dict[str, Any]:
-    """Rough run time, before starting: per row, fill + (warmup + steps x repeats) decode steps.
-
-    Calibrated here per kind of cache (dynamic, static, SP-KV per model variant) and batch size: a
-    synthetic fill of a short context (<= 512 tokens; the second of two, so first-call costs do not
-    count) and of a 4x longer one, each followed by 1 + 2 decode steps; model fill from one short
-    prefill (<= 256 tokens, batch 1) of the variant the rows use. Scaled to each row: synthetic fill
-    linearly in tokens x batch, plus the first touch of the memory the cache will hold (measured
-    separately: small calibration fills reuse freed memory, big caches fault in fresh pages); model
-    fill in FLOPs (weights + attention over the prefix); a step linearly in the KV bytes it reads,
-    through the two calibration points (at least 1 / bandwidth per byte); plus the per-row garbage
-    collection. Model loading is not counted."""
-    steps = s.warmup + s.steps * s.repeats
-    start = time.perf_counter()
-    gc.collect()
-    row_overhead = time.perf_counter() - start
-    touch_bytes = 256 * MIB
-    for _ in range(2):  # fresh pages each time (a large allocation is its own mapping)
-        start = time.perf_counter()
-        torch.zeros(touch_bytes // 4)
-        touch_rate = touch_bytes / (time.perf_counter() - start)
-    short = max(1, min(512, min(s.contexts)))
-    longer = max(short, min(4 * short, max(s.contexts)))
-    # (kind, batch) -> (fill s/token, step s at `short`, KV bytes read at `short`, step s per KV byte read)
-    calibrated: dict[tuple[str, int], tuple[float, float, float, float]] = {}
-    model_flops: dict[str, float] = {}  # variant -> model fill FLOP/s
-
-    def calibrate(spec: CacheSpec, model: torch.nn.Module, batch: int, context: int, repeat: int) -> tuple[float, float, float]:
-        for _ in range(repeat):
-            cache = make_cache(spec, model, context + 4)
-            start = time.perf_counter()
-            token = synthetic_fill(model, cache, batch, context, s.prefill_chunk)
-            fill_per_token = (time.perf_counter() - start) / (context * batch)
-        times = [t for rep in time_decode(model, cache, token, 1, 2, 1) for t in rep]
-        return fill_per_token, min(times), kv_bytes(cache)["read"]
-    rows = []
-    for context, batch, spec in plan:
-        reason = skip_reason(s, spec, pool, context, batch)
-        if reason is not None:
-            rows.append({"cache": spec.name, "context": context, "batch": batch, "fill_s": 0.0, "step_s": 0.0,
-                         "total_s": row_overhead})
+def decode_group(s: DecodeSettings, specs: list[CacheSpec], pool: ModelPool, context: int, batch: int,
+                 bandwidth: float) -> list[DecodeRow]:
+    """--interleave: every cache of one (context, batch) filled first, then the caches take turns repeat
+    by repeat, so drift over the run (allocator state, clocks, other load) hits each alike. A cache
+    that would push the group's estimated KV over --max-kv-gib is skipped."""
+    rows: list[DecodeRow | _Filled] = []
+    budget = s.max_kv_gib * GIB
+    for spec in specs:
+        estimate = 0.0 if skip_reason(s, spec, pool, context, batch) else expected_kv_bytes(s, spec, pool.get(spec.variant), context, batch)
+        if estimate > budget:
+            rows.append(DecodeRow(spec.name, context, batch, fill=row_fill(s, spec), status=(
+                f"skipped: memory (the interleaved group's estimated KV would exceed --max-kv-gib {s.max_kv_gib})")))
             continue
-        model, fill = pool.get(spec.variant), row_fill(s, spec)
-        kind = (spec.name if spec.variant == "base" else f"spkv:{spec.variant}", batch)
-        if kind not in calibrated:
-            per_token, step_short, read_short = calibrate(spec, model, batch, short, 2)
-            slope = 1 / bandwidth
-            if longer > short:
-                _, step_long, read_long = calibrate(spec, model, batch, longer, 1)
-                if read_long > 1.1 * read_short:
-                    slope = max(slope, (step_long - step_short) / (read_long - read_short))
-            calibrated[kind] = (per_token, step_short, read_short, slope)
-            gc.collect()
-        if fill == "model" and spec.variant not in model_flops:
-            n = max(1, min(256, s.prefill_chunk, min(s.contexts)))
-            ids = torch.randint(3, model.config.get_text_config(decoder=True).vocab_size, (1, n))
-            start = time.perf_counter()
-            chunked_prefill(model, make_cache(spec, model, n), ids, s.prefill_chunk)
-            model_flops[spec.variant] = _model_fill_flops(model, n, 1) / (time.perf_counter() - start)
-        per_token, step_s, kv_read, per_byte = calibrated[kind]
-        held = expected_kv_bytes(s, spec, model, context, batch)
-        if fill == "model":
-            fill_s = _model_fill_flops(model, context, batch) / model_flops[spec.variant]
-        else:
-            fill_s = per_token * context * batch
-        fill_s += held / touch_rate
-        step_s += max(0.0, held - kv_read) * per_byte
-        rows.append({"cache": spec.name, "context": context, "batch": batch, "fill_s": fill_s, "step_s": step_s,
-                     "total_s": fill_s + steps * step_s + row_overhead})
-    fill_total, total = sum(r["fill_s"] for r in rows), sum(r["total_s"] for r in rows)
-    return {"total_s": total, "fill_s": fill_total, "decode_s": total - fill_total, "rows": rows,
-            "longest_row": max(rows, key=lambda r: r["total_s"]) if rows else None}
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 10:
-        return f"{seconds:.1f} s"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
-
-
-def estimate_line(s: DecodeSettings, estimate: dict[str, Any], rows: int) -> str:
-    longest = estimate["longest_row"]
-    line = (f"bench decode: {rows} rows ({s.fill} fill), estimated ~{_duration(estimate['total_s'])} "
-            f"(fill ~{_duration(estimate['fill_s'])}, decode steps ~{_duration(estimate['decode_s'])}; rough, model loading not counted)")
-    if longest and longest["total_s"] > 0:
-        line += (f"; longest row {longest['cache']} ctx={longest['context']} B={longest['batch']} "
-                 f"~{_duration(longest['total_s'])}")
-    return line
+        budget -= estimate
+        try:
+            rows.append(start_row(s, spec, pool, context, batch))
+        except Exception as error:  # record and go on: one failing row must not lose the others
+            rows.append(DecodeRow(spec.name, context, batch, status=f"error: {type(error).__name__}: {error}"))
+    for _ in range(s.repeats):
+        for i, r in enumerate(rows):
+            if isinstance(r, _Filled):
+                try:
+                    time_repeat(s, r, track_rss=False)  # other rows' caches live too: RSS delta of the fill only
+                except Exception as error:
+                    rows[i] = DecodeRow(r.row.cache, context, batch, status=f"error: {type(error).__name__}: {error}")
+    return [finish_row(r, bandwidth) if isinstance(r, _Filled) else r for r in rows]
 
 
 def add_speedups(rows: list[DecodeRow]) -> None:
@@ -391,20 +361,30 @@ def _run_decode(s: DecodeSettings, specs: list[CacheSpec], progress: bool) -> di
     plan = [(c, b, spec) for c in s.contexts for b in s.batch_sizes for spec in specs]
     for spec in specs:
         row_fill(s, spec)  # a bad --fill fails here, not in every row
+    from spkv.bench.decode_estimate import estimate_decode, estimate_line
+
     estimate = estimate_decode(s, specs, pool, bandwidth["bytes_per_s"], plan)
     if progress:
         print(estimate_line(s, estimate, len(plan)), file=sys.stderr, flush=True)
     run_start = time.perf_counter()
     rows: list[DecodeRow] = []
-    bar = tqdm(plan, desc="bench decode", disable=not progress)
-    for context, batch, spec in bar:
-        bar.set_postfix_str(f"{spec.name} ctx={context} B={batch}")
-        try:
-            row = decode_row(s, spec, pool, context, batch, bandwidth["bytes_per_s"])
-        except Exception as error:  # record and go on: one failing row must not lose the others
-            row = DecodeRow(spec.name, context, batch, status=f"error: {type(error).__name__}: {error}")
-        rows.append(row)
-        gc.collect()
+    if s.interleave:
+        groups = [(c, b) for c in s.contexts for b in s.batch_sizes]
+        bar = tqdm(groups, desc="bench decode (interleaved)", disable=not progress)
+        for context, batch in bar:
+            bar.set_postfix_str(f"ctx={context} B={batch}")
+            rows += decode_group(s, specs, pool, context, batch, bandwidth["bytes_per_s"])
+            gc.collect()
+    else:
+        bar = tqdm(plan, desc="bench decode", disable=not progress)
+        for context, batch, spec in bar:
+            bar.set_postfix_str(f"{spec.name} ctx={context} B={batch}")
+            try:
+                row = decode_row(s, spec, pool, context, batch, bandwidth["bytes_per_s"])
+            except Exception as error:  # record and go on: one failing row must not lose the others
+                row = DecodeRow(spec.name, context, batch, status=f"error: {type(error).__name__}: {error}")
+            rows.append(row)
+            gc.collect()
     add_speedups(rows)
     add_proportional_cost(rows, s.hybrid_export)
     return {
@@ -424,7 +404,10 @@ def _run_decode(s: DecodeSettings, specs: list[CacheSpec], progress: bool) -> di
                "count their exits only approximately)."),
             "kv_bytes_read: full caches read what they hold; SP-KV reads kept pairs + window. The dynamic cache "
             "also copies itself on every append (torch.cat), so its real traffic is higher than counted.",
-            "rss_peak_so_far_mib is ru_maxrss, monotone over the process; row_peak_rss_delta_mib is sampled per row.",
+            "rss_peak_so_far_mib is ru_maxrss, monotone over the process; row_peak_rss_delta_mib is sampled per row"
+            + (" during its fill only (interleaved: the other caches of its group are alive during its steps)." if s.interleave else "."),
+            *([f"interleave: at each (context, batch) every cache is filled first, then the caches take turns, one repeat of "
+               f"{s.steps} steps each, {s.repeats} times, so drift over the run hits each alike."] if s.interleave else []),
             "Rows with beyond_model_positions=true run past the model's trained positions: speed only.",
         ],
     }

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from spkv.bench.common import _mib, _num
-from spkv.bench.decode import _duration
+from spkv.bench.decode_estimate import duration
 from spkv.bench.machine import GIB, MIB
 from spkv.results import atomic_write_text, provenance, pyplot, save_figure, write_json
 
@@ -19,7 +19,7 @@ def decode_markdown(result: dict[str, Any]) -> str:
         f"Bandwidth (copy of {bw['copy_mib']} MiB): {bw['bytes_per_s'] / GIB:.2f} GiB/s; "
         f"weight bytes read per step: {m['weight_bytes_read_per_step'] / MIB:.1f} MiB; "
         f"window {result['settings']['window']}; torch threads {result['threads']}; command: `{result.get('provenance', {}).get('command', '')}`", "",
-        *([f"Run time {_duration(result['wall_s'])} (estimated beforehand ~{_duration(result['estimate']['total_s'])})", ""]
+        *([f"Run time {duration(result['wall_s'])} (estimated beforehand ~{duration(result['estimate']['total_s'])})", ""]
           if "wall_s" in result and "estimate" in result else []),
         "| cache | context | batch | fill | fill s | step ms | tok/s | vs static | vs dynamic | KV held MiB | KV read MiB "
         "| density | predicted ms | measured/predicted | ideal proportional ms | measured/ideal | row peak RSS +MiB "

@@ -68,6 +68,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                          "spkv-adapter rows always use model fill")
     bd.add_argument("--max-model-fill-tokens", type=int,
                     help="with --fill synthetic: skip model-filled (spkv-adapter) rows whose context x batch exceeds this (default 16384)")
+    bd.add_argument("--interleave", action="store_true", default=None,
+                    help="at each (context, batch) fill every cache first, then time them in turn repeat by repeat, so drift "
+                         "over the run hits each alike (all of a group's caches are alive at once: --max-kv-gib bounds their sum)")
     bd.set_defaults(func=cmd_bench_decode)
     bp = bsub.add_parser("prefill", help="chunked prefill time and memory: plain model vs SP-KV, predictor overhead")
     _add_bench_args(bp)
