@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 .venv/bin/spkv analyze --model smollm2-135m --adapter adapters/smollm2-135m-spkv --documents 12 --min-len 512 \
     --max-len 8192 --out results/analysis/smollm2
 # issue 17: an LKV adapter's density map and learned budgets, beside SP-KV's map, where it exists
-lkv=adapters/lkv/smollm2-135m-lkv-frozen
+lkv=adapters/lkv/smollm2-135m-lkv-frozen-hardened  # the shipped LKV adapter (docs/lkv.md)
 if [ -f $lkv/adapter_config.json ]; then
   .venv/bin/spkv analyze --model smollm2-135m --adapter $lkv --documents 12 --min-len 512 --max-len 8192 \
       --beside results/analysis/smollm2/analysis.json --out results/analysis/smollm2-lkv
