@@ -18,7 +18,8 @@ for row in "SP-KV joint, 164k tokens=adapters/smollm2-135m-spkv-164k" \
            "LKV + LoRA=adapters/lkv/smollm2-135m-lkv-lora" \
            "SP-KV gate, LLM frozen, 4 sinks, hardened=adapters/lkv/smollm2-135m-wg-frozen-hardened" \
            "LKV, LLM frozen, 4 sinks, hardened=adapters/lkv/smollm2-135m-lkv-frozen-hardened" \
-           "LKV, uniform budgets, 4 sinks, hardened=adapters/lkv/smollm2-135m-lkv-uniform-hardened"; do
+           "LKV, uniform budgets, 4 sinks, hardened=adapters/lkv/smollm2-135m-lkv-uniform-hardened" \
+           "LKV + LoRA, 4 sinks, hardened=adapters/lkv/smollm2-135m-lkv-lora-hardened"; do
   [ -f "${row#*=}/adapter_config.json" ] && learned+=("$row")
 done
 .venv/bin/spkv eval matched --model smollm2-135m --adapter adapters/smollm2-135m-spkv \

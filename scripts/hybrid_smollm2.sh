@@ -49,3 +49,17 @@ done
 trained=$(ls -d adapters/hybrids/smollm2-135m-* 2>/dev/null || true)
 .venv/bin/spkv hybrid compare --model smollm2-135m --control adapters/smollm2-135m-control --adapter adapters/smollm2-135m-spkv \
     --tau 0.5 --layouts "${files[@]}" --trained $trained --seq-len 2048 --sequences 16 --out $out
+# the paired differences quoted in docs/hybrid.md -> results/hybrid/smollm2/paired_rows.json: the learned
+# per-head layout against interleave and each random seed, at budget 0.3, post-hoc (without and with
+# sinks) and trained (with sinks, where those hybrids were trained)
+pairs=()
+for s in "" " +4 sinks"; do
+  for other in interleave "random-head s0" "random-head s1" "random-head s2"; do
+    pairs+=("learned-head$s 0.3 post-hoc" "$other$s 0.3 post-hoc")
+  done
+done
+for other in interleave "random-head s0"; do
+  [ -d adapters/hybrids/smollm2-135m-${other// /-}-0.3-sinks4 ] && \
+    pairs+=("learned-head +4 sinks 0.3 trained" "$other +4 sinks 0.3 trained")
+done
+.venv/bin/python scripts/paired_rows.py $out/hybrids.json "${pairs[@]}"
