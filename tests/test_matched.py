@@ -295,6 +295,24 @@ def test_analyze_an_lkv_model_measures_its_cache_and_maps_its_budgets(tmp_path):
     beside = {"adapter": "runs/spkv", "density_per_layer_head": result["density_per_layer_head"]}
     paths = plot_analysis(result, tmp_path, beside)
     assert all(p.exists() for p in paths)
+    # --beside: rank correlation of the maps (itself: 1) and of its learned budgets with the other map
+    from spkv.eval.analysis import analysis_markdown, compare_beside
+
+    result["beside"] = compare_beside(result, beside, "runs/spkv/analysis.json")
+    assert result["beside"]["spearman_density"] == pytest.approx(1.0)
+    assert -1 <= result["beside"]["spearman_shares"] <= 1
+    assert "Spearman rank correlation +1.00 (density)" in analysis_markdown(result)
+
+
+def test_spearman_matches_pearson_of_mean_ranks_by_hand():
+    from spkv.eval.analysis import spearman
+
+    a, b = [[0.1, 0.5], [0.5, 0.9], [0.2, 0.0]], [[3.0, 1.0], [2.0, 2.0], [5.0, 0.5]]
+    # ranks by hand: a -> 1, 3.5, 3.5, 5, 2, 0; b -> 4, 1, 2.5, 2.5, 5, 0
+    ra, rb = torch.tensor([1, 3.5, 3.5, 5, 2, 0]), torch.tensor([4, 1, 2.5, 2.5, 5, 0])
+    expected = torch.corrcoef(torch.stack([ra, rb]))[0, 1].item()
+    assert spearman(a, b) == pytest.approx(expected)
+    assert spearman(a, a) == pytest.approx(1.0) and spearman(a, [[-x for x in r] for r in a]) == pytest.approx(-1.0)
 
 
 def test_matched_cli_reuses_only_tables_of_the_same_inputs_and_checks_learned_labels(tmp_path, capsys):

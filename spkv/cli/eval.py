@@ -189,6 +189,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     from spkv.eval.analysis import (
         analysis_markdown,
         analyze,
+        compare_beside,
         documents_by_length,
         plot_analysis,
     )
@@ -215,6 +216,8 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     max_len = args.max_len or model.config.get_text_config(decoder=True).max_position_embeddings
     docs = documents_by_length(tokenizer, args.heldout, args.documents, args.min_len, max_len)
     result = {"model": args.model, "adapter": args.adapter, **analyze(model, docs)}
+    if beside is not None:
+        result["beside"] = compare_beside(result, beside, args.beside)
     out = Path(args.out)
     write_json(out / "analysis.json", result)
     atomic_write_text(out / "analysis.md", analysis_markdown(result))

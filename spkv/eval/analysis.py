@@ -84,6 +84,32 @@ def analyze(model: torch.nn.Module, docs: list[tuple[str, list[int]]]) -> dict[s
     }
 
 
+def spearman(a: list[list[float]], b: list[list[float]]) -> float:
+    """Rank correlation of two [layers, Hkv] maps over their units (ties get their mean rank): do two
+    systems put memory on the same heads?"""
+    def ranks(x: torch.Tensor) -> torch.Tensor:
+        order = x.argsort()
+        r = torch.empty_like(x)
+        r[order] = torch.arange(len(x), dtype=x.dtype)
+        for v in x.unique():  # ties: the mean of their ranks
+            tied = x == v
+            r[tied] = r[tied].mean()
+        return r
+
+    ra, rb = (ranks(torch.tensor(m, dtype=torch.float64).flatten()) for m in (a, b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp(min=1e-12))
+
+
+def compare_beside(result: dict[str, Any], beside: dict[str, Any], beside_path: str) -> dict[str, Any]:
+    """How this map lines up with another analysis of the same model (`spkv analyze --beside`)."""
+    out = {"analysis": beside_path, "adapter": beside["adapter"],
+           "spearman_density": spearman(result["density_per_layer_head"], beside["density_per_layer_head"])}
+    if "shares_per_layer_head" in result:
+        out["spearman_shares"] = spearman(result["shares_per_layer_head"], beside["density_per_layer_head"])
+    return out
+
+
 def _operating_point(result: dict[str, Any]) -> str:
     return f"LKV budget r {result['budget']:g}" if "budget" in result else f"tau {result['threshold']:g}"
 
@@ -97,6 +123,10 @@ def analysis_markdown(result: dict[str, Any]) -> str:
         f"- Pooled density (mean over layers x KV heads): **{100 * result['density']:.1f}%**.",
         f"- Density = {fit['slope']:+.4f} x log2(length) + {fit['intercept']:.3f}, R^2 = {fit['r2']:.2f} "
         f"({'denser' if fit['slope'] > 0 else 'sparser'} for longer documents: {100 * fit['slope']:+.2f} points per doubling).",
+        *([f"- Against `{result['beside']['adapter']}`'s density per (layer, KV head): Spearman rank correlation "
+           f"{result['beside']['spearman_density']:+.2f} (density)"
+           + (f", {result['beside']['spearman_shares']:+.2f} (learned budgets)" if "spearman_shares" in result["beside"] else "")
+           + f" over {sum(len(r) for r in result['density_per_layer_head'])} units."] if "beside" in result else []),
         "",
         "| document | tokens | density | density (token-weighted) |",
         "| --- | --- | --- | --- |",
