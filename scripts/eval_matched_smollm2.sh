@@ -12,14 +12,14 @@ cd "$(dirname "$0")/.."
 [ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
 learned=()
 for row in "SP-KV joint, 164k tokens=adapters/smollm2-135m-spkv-164k" \
+           "LKV + LoRA, 4 sinks, hardened=adapters/lkv/smollm2-135m-lkv-lora-hardened" \
            "SP-KV gate, LLM frozen=adapters/lkv/smollm2-135m-wg-frozen" \
            "LKV, LLM frozen=adapters/lkv/smollm2-135m-lkv-frozen" \
            "LKV, uniform budgets=adapters/lkv/smollm2-135m-lkv-uniform" \
            "LKV + LoRA=adapters/lkv/smollm2-135m-lkv-lora" \
            "SP-KV gate, LLM frozen, 4 sinks, hardened=adapters/lkv/smollm2-135m-wg-frozen-hardened" \
            "LKV, LLM frozen, 4 sinks, hardened=adapters/lkv/smollm2-135m-lkv-frozen-hardened" \
-           "LKV, uniform budgets, 4 sinks, hardened=adapters/lkv/smollm2-135m-lkv-uniform-hardened" \
-           "LKV + LoRA, 4 sinks, hardened=adapters/lkv/smollm2-135m-lkv-lora-hardened"; do
+           "LKV, uniform budgets, 4 sinks, hardened=adapters/lkv/smollm2-135m-lkv-uniform-hardened"; do
   [ -f "${row#*=}/adapter_config.json" ] && learned+=("$row")
 done
 .venv/bin/spkv eval matched --model smollm2-135m --adapter adapters/smollm2-135m-spkv \
