@@ -27,4 +27,10 @@ done
     --calibration-sequences 2 --chunk 32 --exactness-sequences 1 --exactness-tokens 1024 \
     --methods streaming key_norm kvzap random h2o tova expected_attention --out results/eval/smollm2 --resume \
     ${learned[@]+--learned "${learned[@]}"}
+# the paired differences quoted in docs/lkv.md -> results/eval/smollm2/paired_rows.json: LKV co-trained
+# with LoRA against SP-KV at the same tokens and the best baseline, and the hardened frozen rows
+lora="LKV + LoRA, 4 sinks, hardened"
+[ -f adapters/lkv/smollm2-135m-lkv-lora-hardened/adapter_config.json ] && \
+  .venv/bin/python scripts/paired_rows.py results/eval/smollm2/matched.json "$lora" "SP-KV joint, 164k tokens" "$lora" kvzap \
+      "$lora" "LKV, LLM frozen, 4 sinks, hardened"
 if [ "${ANALYZE:-1}" = 1 ]; then bash scripts/analyze_smollm2.sh; fi
