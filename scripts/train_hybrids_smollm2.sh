@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 18's trained hybrids on SmolLM2-135M: each layout of results/hybrid/smollm2/layouts named in
-# LAYOUTS (default: learned-head-0.3 interleave-0.3, the shipped SP-KV adapter's 29.6% budget) trained
+# LAYOUTS (default: the shipped ones, learned-head-0.3 and, with 4 sinks, learned-head, interleave and
+# random-head seed 0, all at the shipped SP-KV adapter's 29.6% budget; ~37 min each at 1 thread) trained
 # with the dense control's recipe, tokens (327,680) and data order (scripts/train_long_smollm2.sh's
 # control-x2) under its fixed layout, into runs/hybrid/smollm2-LAYOUT and adapters/hybrids/. Precision
 # follows the hardware (bf16 where native, else fp32; the shipped control is bf16). Resumable. THREADS
@@ -19,7 +20,7 @@ one() {
   mkdir -p adapters/hybrids/smollm2-135m-$name && cp $out/adapter/* $out/log.jsonl $out/train_config.json adapters/hybrids/smollm2-135m-$name/
 }
 pids=()
-for name in ${LAYOUTS:-learned-head-0.3 interleave-0.3}; do
+for name in ${LAYOUTS:-learned-head-0.3 learned-head-0.3-sinks4 interleave-0.3-sinks4 random-head-s0-0.3-sinks4}; do
   if [ "${PARALLEL:-0}" = 1 ]; then one $name & pids+=($!); else one $name; fi
 done
 for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid"; done  # a failed run fails the script
