@@ -15,8 +15,8 @@
 # density (RandomPolicy, the density-30 row: the same KV share), at
 # 8k-32k x batch 8, into results/bench/hybrid/; interleaved (the caches of each context timed in turn,
 # all alive at once: at 32k the group's KV would pass --max-kv-gib 17 with density-30, which is skipped).
-# decode-interleaved: issue 20's rows (density 25% against static and window-only at 8k-32k x batch 8
-# and 16), interleaved the same way, into results/bench/decode_interleaved/; 32k x 16 static would need
+# decode-interleaved: issue 20's rows (density 25%, with the default 32-pair pages and with 128-pair
+# pages, against static and window-only at 8k-32k x batch 8 and 16; ~15 min), interleaved the same way, into results/bench/decode_interleaved/; 32k x 16 static would need
 # 22.5 GiB of KV and is skipped on a 23.5 GiB machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,8 +27,8 @@ for part in ${PARTS:-decode prefill train}; do
       .venv/bin/spkv bench decode --model smollm2-135m --adapter adapters/smollm2-135m-spkv \
           --contexts 1024 4096 8192 16384 32768 --batch-sizes 1 8 16 --steps 16 --repeats 2 --warmup 2 ;;
     decode-interleaved)  # issue 20's targets: the caches of each (context, batch) timed in turn (~25 min)
-      .venv/bin/spkv bench decode --model smollm2-135m --caches static density-25 window-only --interleave \
-          --contexts 8192 16384 32768 --batch-sizes 8 16 --steps 16 --repeats 4 --warmup 2 --max-kv-gib 15 \
+      .venv/bin/spkv bench decode --model smollm2-135m --caches static density-25 density-25-page128 window-only --interleave \
+          --contexts 8192 16384 32768 --batch-sizes 8 16 --steps 16 --repeats 4 --warmup 2 --max-kv-gib 18 \
           --out results/bench/decode_interleaved ;;
     decode-gemma3)
       .venv/bin/spkv bench decode --model gemma3-270m --adapter adapters/gemma3-270m-spkv \

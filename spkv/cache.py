@@ -29,11 +29,13 @@ class SPKVCache(Cache):
     write-time policy the uniform share r (every head the same). exit_batch: decode moves pairs out
     of the window every this many steps, not every step (exact: a waiting pair is shown or hidden by
     the same rule), so the steps between need no host transfer; write-time policies without a
-    budget only, the others exit every step.
+    budget only, the others exit every step. page: pairs per page of the stores (default: window / 4,
+    at most 32): larger pages make decode attention over long stores cheaper per byte and waste up
+    to a page per (sequence, KV head).
     """
 
     def __init__(self, model: torch.nn.Module, policy: ScoringPolicy | None = None, sinks: int | None = None,
-                 budget: float | None = None, exit_batch: int = EXIT_BATCH) -> None:
+                 budget: float | None = None, exit_batch: int = EXIT_BATCH, page: int | None = None) -> None:
         config = getattr(model, "spkv_config", None)
         if not isinstance(config, SPKVConfig):
             raise ValueError("SPKVCache needs a model converted with spkv.convert() (or spkv.load_adapter()).")
@@ -41,6 +43,8 @@ class SPKVCache(Cache):
             raise ValueError(f"budget must be a number in (0, 1] (the fraction of out-of-window pairs kept), got {budget!r}")
         if isinstance(exit_batch, bool) or not isinstance(exit_batch, int) or exit_batch < 1:
             raise ValueError(f"exit_batch must be an integer >= 1 (decode steps between window exits), got {exit_batch!r}")
+        if page is not None and (isinstance(page, bool) or not isinstance(page, int) or page < 1):
+            raise ValueError(f"page must be an integer >= 1 (pairs per page of the store), got {page!r}")
         lkv = config.lkv
         self.policy = policy if policy is not None else LKVPolicy() if lkv is not None else SPKVPolicy()
         if lkv is None and isinstance(self.policy, LKVPolicy):
@@ -60,7 +64,7 @@ class SPKVCache(Cache):
         self.sinks = config.sinks if sinks is None else sinks
         text_config = model.config.get_text_config(decoder=True)
         layers = [
-            SPKVLayer(i, config.window, self.policy, self.sinks, None if shares is None else shares[i], every, exit_batch)
+            SPKVLayer(i, config.window, self.policy, self.sinks, None if shares is None else shares[i], every, exit_batch, page)
             if i in config.layers else make()
             for i, make in enumerate(default_layers(text_config))
         ]

@@ -35,9 +35,10 @@ class SPKVLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, layer_idx: int, window: int, policy: ScoringPolicy, sinks: int,
-                 shares: torch.Tensor | None = None, exit_every: int = 1, exit_batch: int = 1) -> None:
+                 shares: torch.Tensor | None = None, exit_every: int = 1, exit_batch: int = 1, page: int | None = None) -> None:
         super().__init__()
         self.layer_idx, self.window, self.policy, self.sinks = layer_idx, window, policy, sinks
+        self.page = page_size(window) if page is None else page  # pairs per page of the store
         # Decode takes window exits every `exit_batch` steps (one host transfer then, none between):
         # pairs past the window wait in the ring, shown or hidden by the same rule, so it is exact.
         # Only write-time policies without a budget can wait: the others decide on exit.
@@ -60,7 +61,7 @@ class SPKVLayer(CacheLayerMixin):
         self.batch_size, self.num_kv_heads, self.head_dim = b, hkv, d
         self.dtype, self.device = key_states.dtype, key_states.device
         self.recent = Window(b, hkv, d, self.dtype, self.device, self.window, slack=self.exit_batch - 1)
-        self.store = PagedStore(b * hkv, d, self.dtype, self.device, page_size(self.window))
+        self.store = PagedStore(b * hkv, d, self.dtype, self.device, self.page)
         self.valid_seen = torch.zeros(b, dtype=torch.long, device=self.device)
         self.decided = torch.zeros(b, hkv, dtype=torch.long)  # out-of-window, non-sink, real pairs
         self.kept = torch.zeros(b, hkv, dtype=torch.long)

@@ -102,6 +102,10 @@ def test_decode_skips_over_memory_budget_and_rejects_unknown_cache():
     assert row["status"].startswith("skipped: model fill too long") and row["fill"] == "model"
     with pytest.raises(ValueError, match="unknown cache"):
         decode.parse_cache("paged")
+    spec = decode.parse_cache("density-25-page128")
+    assert (spec.name, spec.page, spec.kv_fraction) == ("density-25-page128", 128, 0.25)
+    with pytest.raises(ValueError, match="applies to SP-KV caches"):
+        decode.parse_cache("static-page128")
     with pytest.raises(ValueError, match="density-P"):
         decode.parse_cache("density-0")
 

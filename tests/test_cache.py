@@ -54,6 +54,23 @@ def test_chunked_prefill_and_decode_match_full_sequence(family):
     assert stats.bytes_held < stats.bytes_full
 
 
+@pytest.mark.parametrize("page", [1, 5, 64])
+def test_any_page_size_gives_the_same_logits_and_holds_its_pages(page):
+    """Pages are a storage detail: decode over pages of any size equals the full forward; bytes held
+    are the pages the heads own."""
+    model = tiny_model("llama")
+    spkv.convert(model, spkv.SPKVConfig(window=8, threshold=0.5))
+    randomize_gates(model, seed=1)
+    ids, mask = batch(batch_size=2, length=60, left_pad=5)
+    got, cache = run_with_cache(model, ids, mask, prefill=30, chunk=12, cache=spkv.SPKVCache(model, page=page))
+    assert_close_on_real_tokens(got, logits(model, ids, mask), mask, tol=1e-4)
+    for layer in cache.spkv_layers():
+        assert layer.store.page == page
+        assert layer.store.capacity_pairs() >= layer.store.pages * page >= layer.store.stored_pairs()
+    with pytest.raises(ValueError, match="page must be an integer >= 1"):
+        spkv.SPKVCache(model, page=0)
+
+
 def test_sinks_are_kept_and_not_counted():
     model = tiny_model("llama")
     spkv.convert(model, spkv.SPKVConfig(window=4, threshold=0.5, sinks=2))

@@ -14,6 +14,7 @@ Cache names (decode):
     static        unconverted model, transformers' StaticCache preallocated for the whole run
     spkv-adapter  the model with --adapter loaded, decisions by its predictors
     density-P     converted model, RandomPolicy(threshold=1 - P/100): a forced density of P%
+    NAME-pageN    an SP-KV cache above with N pairs per store page (default window / 4, at most 32)
     window-only   converted model, StreamingLLM and no sinks: nothing kept outside the window
     hybrid-export the per-layer hybrid of `spkv hybrid export` (--hybrid-export), a plain transformers
                   model with transformers' StaticCache (its sliding layers hold the window); its
@@ -107,9 +108,16 @@ class CacheSpec:
     policy: ScoringPolicy | None = None
     sinks: int | None = None
     kv_fraction: float = 1.0  # expected share of a full cache's bytes (for the memory budget)
+    page: int | None = None  # SP-KV caches: pairs per store page (None: the cache's default)
 
 
 def parse_cache(name: str) -> CacheSpec:
+    base, _, page = name.rpartition("-page")
+    if base and page.isdigit() and int(page) > 0:  # e.g. density-25-page128: the same cache with larger pages
+        spec = parse_cache(base)
+        if spec.variant not in ("converted", "adapter"):
+            raise ValueError(f"cache {name!r}: -pageN applies to SP-KV caches (density-P, window-only, spkv-adapter)")
+        return replace(spec, name=name, page=int(page))
     if name in ("dynamic", "static"):
         return CacheSpec(name, "base")
     if name == "spkv-adapter":
@@ -135,7 +143,7 @@ def make_cache(spec: CacheSpec, model: torch.nn.Module, max_len: int) -> Cache:
     if spec.name in ("static", "hybrid-export", "export-sliding"):  # the export's sliding layers hold the window
         return StaticCache(config=model.config, max_cache_len=max_len)
     policy = replace(spec.policy) if spec.policy is not None else None  # fresh state (RandomPolicy's generator)
-    cache = SPKVCache(model, policy=policy, sinks=spec.sinks)
+    cache = SPKVCache(model, policy=policy, sinks=spec.sinks, page=spec.page)
     cache.max_positions = None  # speed only: allow contexts beyond the model's trained positions
     return cache
 
