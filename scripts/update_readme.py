@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import statistics
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -174,31 +173,41 @@ def headline_block(target: Path) -> str:
     return "\n".join(lines + notes)
 
 
-INTERLEAVED = [f"results/bench/decode_steps/decode_steps_interleaved_{c}.json" for c in ("8k_b8", "8k_b16", "16k_b8", "16k_b16", "32k_b8")]
+INTERLEAVED = "results/bench/decode_interleaved/decode.json"  # PARTS=decode-interleaved bash scripts/bench.sh
 
 
 def interleaved_block(target: Path) -> str:
-    """One table from the interleaved decode_steps runs: per (context, batch), each cache's median
-    round mean, and measured / ideal and the speed-up over static per round with their medians."""
-    runs = [(js, load(js)) for js in INTERLEAVED]
-    runs = [(js, r) for js, r in runs if r]
-    if not runs:
-        return "_No result yet: no interleaved `scripts/decode_steps.py` run has been saved._"
-    lines = ["| context x batch | density-25 ms | window-only ms | static ms | measured / ideal per round | median "
-             "(target <= 1.1) | vs static per round | median (target >= 2.5x at 16k-32k) |", "|" + " --- |" * 8]
-    for _, r in runs:
-        ms = {row["cache"]: statistics.median(row["round_mean_ms"]) for row in r["rows"]}
-        for ideal in r.get("ideal", []):
-            lines.append(
-                f"| {r['context'] // 1024}k x {r['batch']} | {ms.get(ideal['cache'], float('nan')):.0f} | "
-                f"{ms.get('window-only', float('nan')):.0f} | {ms.get('static', float('nan')):.0f} | "
-                f"{' '.join(f'{x:.2f}' for x in ideal['measured_over_ideal'])} | **{ideal['median_measured_over_ideal']:.2f}** | "
-                f"{' '.join(f'{x:.2f}' for x in ideal['vs_static'])} | **{ideal['median_vs_static']:.2f}** |")
-    first = runs[0][1]
-    lines += ["", f"{first['rounds']} rounds of {first['steps']} steps per cache after {first['warmup']} warmup steps, all "
-              f"caches of a row filled first (synthetic fill), then taking turns; ms columns: the median of the round "
-              f"means; torch threads {first['threads']}.", ""]
-    lines += [source_line(js, target) for js, _ in runs]
+    """Issue 20's table from the interleaved decode benchmark: per (context, batch), each cache's step,
+    and measured / ideal and the speed-up over static per repeat (the caches took turns repeat by
+    repeat) with the benchmark's own ratio of the medians."""
+    r = load(INTERLEAVED)
+    if not r:
+        return f"_No result yet: run `PARTS=decode-interleaved bash scripts/bench.sh` ({INTERLEAVED})._"
+    ok = {(row["cache"], row["context"], row["batch"]): row for row in r["rows"] if row["status"] == "ok"}
+    lines = ["| context x batch | cache | ms | window-only ms | static ms | measured / ideal per repeat | of the medians "
+             "(target <= 1.1) | vs static per repeat | of the medians (target >= 2.5x at 16k-32k) |", "|" + " --- |" * 9]
+    skipped = []
+    compressed = [c for c in r["settings"]["caches"] if c.startswith("density-")]
+    for context in r["settings"]["contexts"]:
+        for batch in r["settings"]["batch_sizes"]:
+            w, st = ok.get(("window-only", context, batch)), ok.get(("static", context, batch))
+            for cache in compressed:
+                d = ok.get((cache, context, batch))
+                if not (d and w and st):
+                    missing = [c for c, x in ((cache, d), ("window-only", w), ("static", st)) if not x]
+                    skipped.append(f"{context // 1024}k x {batch} ({', '.join(missing)} skipped)")
+                    continue
+                reps = zip(d["step_ms_repeat_means"], w["step_ms_repeat_means"], st["step_ms_repeat_means"])
+                per = [(dm / (wm + d["density"] * (sm - wm)), sm / dm) for dm, wm, sm in reps]
+                lines.append(f"| {context // 1024}k x {batch} | {cache} | {d['step_ms']:.0f} | {w['step_ms']:.0f} | {st['step_ms']:.0f} | "
+                             f"{' '.join(f'{x:.2f}' for x, _ in per)} | **{d['measured_over_ideal']:.2f}** | "
+                             f"{' '.join(f'{y:.2f}' for _, y in per)} | **{d['speedup_vs_static']:.2f}** |")
+    s = r["settings"]
+    lines += ["", f"{s['repeats']} repeats of {s['steps']} steps per cache after {s['warmup']} warmup steps; all caches of a "
+              f"(context, batch) filled first ({r['fill']} fill), then taking turns repeat by repeat; ms: the median of the "
+              f"repeat means; ideal = window-only + density x (static - window-only); torch threads {r['threads']}."
+              + (f" No ratio at {', '.join(sorted(set(skipped)))}: see the statuses in the JSON." if skipped else ""), ""]
+    lines.append(source_line(INTERLEAVED, target))
     return "\n".join(lines)
 
 
