@@ -95,6 +95,8 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_gib": mem_gib,
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
     }
+    if hasattr(os, "getloadavg"):  # at write time; above the run's own threads = other jobs shared the CPUs
+        info["load_average_1_5_15_min"] = [round(x, 2) for x in os.getloadavg()]
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -305,7 +305,7 @@ def test_analyze_an_lkv_model_measures_its_cache_and_maps_its_budgets(tmp_path):
 
 
 def test_spearman_matches_pearson_of_mean_ranks_by_hand():
-    from spkv.eval.analysis import spearman
+    from spkv.eval.stats import spearman
 
     a, b = [[0.1, 0.5], [0.5, 0.9], [0.2, 0.0]], [[3.0, 1.0], [2.0, 2.0], [5.0, 0.5]]
     # ranks by hand: a -> 1, 3.5, 3.5, 5, 2, 0; b -> 4, 1, 2.5, 2.5, 5, 0

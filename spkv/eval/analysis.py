@@ -84,25 +84,10 @@ def analyze(model: torch.nn.Module, docs: list[tuple[str, list[int]]]) -> dict[s
     }
 
 
-def spearman(a: list[list[float]], b: list[list[float]]) -> float:
-    """Rank correlation of two [layers, Hkv] maps over their units (ties get their mean rank): do two
-    systems put memory on the same heads?"""
-    def ranks(x: torch.Tensor) -> torch.Tensor:
-        order = x.argsort()
-        r = torch.empty_like(x)
-        r[order] = torch.arange(len(x), dtype=x.dtype)
-        for v in x.unique():  # ties: the mean of their ranks
-            tied = x == v
-            r[tied] = r[tied].mean()
-        return r
-
-    ra, rb = (ranks(torch.tensor(m, dtype=torch.float64).flatten()) for m in (a, b))
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp(min=1e-12))
-
-
 def compare_beside(result: dict[str, Any], beside: dict[str, Any], beside_path: str) -> dict[str, Any]:
     """How this map lines up with another analysis of the same model (`spkv analyze --beside`)."""
+    from spkv.eval.stats import spearman
+
     out = {"analysis": beside_path, "adapter": beside["adapter"],
            "spearman_density": spearman(result["density_per_layer_head"], beside["density_per_layer_head"])}
     if "shares_per_layer_head" in result:

@@ -64,3 +64,25 @@ def bootstrap_interval(groups: Sequence[Sequence[float]], statistic: Callable[[l
     lo = values[int((1 - level) / 2 * (len(values) - 1))]
     hi = values[int((1 + level) / 2 * (len(values) - 1))]
     return (lo, hi)
+
+
+def spearman(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> float:
+    """Rank correlation of two [layers, Hkv] maps over their units (ties get their mean rank): do two
+    systems put memory on the same heads?"""
+    def ranks(x: list[float]) -> list[float]:
+        order = sorted(range(len(x)), key=x.__getitem__)
+        r = [0.0] * len(x)
+        i = 0
+        while i < len(order):  # a run of ties shares the mean of its ranks
+            j = i
+            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+                j += 1
+            for k in order[i:j + 1]:
+                r[k] = (i + j) / 2
+            i = j + 1
+        return r
+
+    ra, rb = (ranks([v for row in m for v in row]) for m in (a, b))
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    return cov / max(1e-12, math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)))
