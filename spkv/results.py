@@ -95,6 +95,10 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_gib": mem_gib,
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
     }
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():  # platform.processor() says only "x86_64" on Linux; timings depend on the model
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        info["cpu_model"] = names[0] if names else None
     if hasattr(os, "getloadavg"):  # at write time; above the run's own threads = other jobs shared the CPUs
         info["load_average_1_5_15_min"] = [round(x, 2) for x in os.getloadavg()]
     if torch.cuda.is_available():

@@ -35,10 +35,13 @@ class PagedStore:
 
     def __init__(self, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, page: int = PAGE) -> None:
         self.heads, self.head_dim, self.page = heads, head_dim, page
-        self.k = torch.zeros(0, page, head_dim, dtype=dtype, device=device)  # [capacity, page, D]
-        # Values transposed per page, [capacity, D, page]: the probs @ values bmm then reads them the way
-        # query @ keys^T reads keys, about 2x faster on CPU than [page, D] pages.
-        self.v = torch.zeros(0, head_dim, page, dtype=dtype, device=device)
+        # Keys transposed per page, [capacity, D, page], values not, [capacity, page, D]: both decode bmms
+        # (query @ keys, probs @ values) then read their right operand untransposed. On the Xeon of
+        # results/bench/store_layout that ran the keys' pass 1.6-1.9x and the values' up to 1.3x faster
+        # than the transposed layouts. BLAS speed per layout depends on the CPU: rerun
+        # scripts/bench_store_layout.py before changing it.
+        self.k = torch.zeros(0, head_dim, page, dtype=dtype, device=device)
+        self.v = torch.zeros(0, page, head_dim, dtype=dtype, device=device)
         # Additive score bias [capacity, page]: 0 where a pair is stored, -inf in a page's free slots.
         self.free_bias = torch.zeros(0, page, dtype=dtype, device=device)
         self.owner = torch.zeros(0, dtype=torch.long, device=device)  # [capacity] head of each page
@@ -85,7 +88,7 @@ class PagedStore:
         if int(counts.sum()) == 0:
             return
         if scores is not None and self.score is None:
-            self.score = torch.zeros(self.k.shape[:2], dtype=torch.float32, device=self.k.device)
+            self.score = torch.zeros(self.k.shape[0], self.page, dtype=torch.float32, device=self.k.device)
         have = self.owned
         new_lengths = self.lengths + counts
         need = (self._pages_of(new_lengths) - have).clamp_min(0)  # [heads] new pages per head
@@ -108,8 +111,8 @@ class PagedStore:
         slot = self.lengths[rows] + keep.long().cumsum(1)[rows, cols] - 1  # index within the head's pairs
         flat = (self.table[rows, slot // self.page] * self.page + slot % self.page).to(self.k.device)
         rows, cols = rows.to(keys.device), cols.to(keys.device)
-        self.k.view(-1, self.head_dim).index_copy_(0, flat, keys[rows, cols])
-        self.v.transpose(1, 2)[flat // self.page, flat % self.page] = values[rows, cols]
+        self.k.transpose(1, 2)[flat // self.page, flat % self.page] = keys[rows, cols]
+        self.v.view(-1, self.head_dim).index_copy_(0, flat, values[rows, cols])
         self.free_bias.view(-1).index_fill_(0, flat, 0.0)
         self.pos.view(-1)[flat] = positions.to(self.pos.device)[cols]
         if self.score is not None:
@@ -141,9 +144,9 @@ class PagedStore:
         evicted_pos = pos[evicted]
         inside = s.unsqueeze(0).to(self.k.device) < new.to(self.k.device).unsqueeze(1)
         dst, src = flat[~keep & inside], flat[keep & ~inside]  # row-major: equal counts per head, paired in order
-        self.k.view(-1, self.head_dim)[dst] = self.k.view(-1, self.head_dim)[src]
-        v = self.v.transpose(1, 2)
-        v[dst // self.page, dst % self.page] = v[src // self.page, src % self.page]
+        self.v.view(-1, self.head_dim)[dst] = self.v.view(-1, self.head_dim)[src]
+        k = self.k.transpose(1, 2)
+        k[dst // self.page, dst % self.page] = k[src // self.page, src % self.page]
         self.pos.view(-1)[dst] = self.pos.view(-1)[src]
         self.score.view(-1)[dst] = self.score.view(-1)[src]
         gone = flat[held_d & ~inside]
@@ -164,14 +167,14 @@ class PagedStore:
         if self.pages == 0:
             return m, denom, o
         owner = self.owner[: self.pages]
-        scores = torch.baddbmm(self.free_bias[: self.pages].unsqueeze(1), query[owner],
-                               self.k[: self.pages].transpose(1, 2), alpha=scaling).float()  # [pages, Q, page]
+        scores = torch.baddbmm(self.free_bias[: self.pages].unsqueeze(1), query[owner], self.k[: self.pages],
+                               alpha=scaling).float()  # [pages, Q, page]
         m.scatter_reduce_(0, owner.unsqueeze(1).expand(-1, nq), scores.amax(-1), "amax")
         if self.score is not None:  # eviction can leave a head pages with no pair: exp(-inf - 0) = 0, not NaN
             m = m.masked_fill(torch.isneginf(m), 0.0)
         e = scores.sub_(m[owner].unsqueeze(-1)).exp_()
         denom.index_add_(0, owner, e.sum(-1))
-        o.index_add_(0, owner, torch.bmm(e.to(self.v.dtype), self.v[: self.pages].transpose(1, 2)).float())
+        o.index_add_(0, owner, torch.bmm(e.to(self.v.dtype), self.v[: self.pages]).float())
         return m, denom, o
 
     def reorder(self, rows: torch.Tensor) -> None:
@@ -206,8 +209,8 @@ class PagedStore:
         """One head's stored pairs, in order: (keys, values) [L, D] (a copy: its pages are scattered)."""
         length = int(self.lengths[head])
         pages = self.table[head, : int(self._pages_of(self.lengths[head]))].to(self.k.device)
-        return (self.k[pages].view(-1, self.head_dim)[:length],
-                self.v[pages].transpose(1, 2).reshape(-1, self.head_dim)[:length])
+        return (self.k[pages].transpose(1, 2).reshape(-1, self.head_dim)[:length],
+                self.v[pages].view(-1, self.head_dim)[:length])
 
     def positions(self, head: int) -> torch.Tensor:
         """[L] token indices of one head's stored pairs, in order."""
