@@ -4,19 +4,26 @@
 # run's) with the same data order, then held-out NLL on the same 16 documents at tau 0.3 / 0.5 / 0.7.
 # bf16 autocast (the CPU must have native bf16; the shipped control is bf16 too). Resumable: run it
 # again and unfinished runs continue from their checkpoints; the sweep is redone when the adapter is
-# newer than it. THREADS (default 1) sets torch threads.
+# newer than it. THREADS (default 1) sets torch threads. DENSITY (default 0.35) sets the density
+# target (the run is named reg<percent>-x<tokens / 163,840>). RUNS="spkv" or "control" trains one of
+# the pair (two jobs, one per core, then a last run without RUNS for the sweep).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${THREADS:-1}
-tokens=${TOKENS:-327680}
-name=reg35-x$((tokens / 163840))
+tokens=${TOKENS:-327680} density=${DENSITY:-0.35} runs=${RUNS:-spkv control}
+name=reg$(python3 -c "print(round(100 * $density))")-x$((tokens / 163840))
 common=(--model smollm2-135m --train-llm lora --lora-rank 16 --seq-len 2048 --batch-size 1 --max-tokens $tokens
         --lr 2e-4 --warmup-steps 5 --checkpoint-every 10 --seed 0 --hard-fraction 0.25 --anneal-steps 10)
 resume() { [ -f "$1/checkpoint.pt" ] && echo --resume || true; }
 out=runs/long/$name control=runs/long/control-x$((tokens / 163840))
-[ -f $out/adapter/adapter_config.json ] || .venv/bin/spkv train "${common[@]}" --predictor-lr-mult 25 \
-    --density-target 0.35 --density-weight 1.0 --out $out $(resume $out)
-[ -f $control/adapter/adapter_config.json ] || .venv/bin/spkv train "${common[@]}" --control --out $control $(resume $control)
+if [[ " $runs " == *" spkv "* ]] && [ ! -f $out/adapter/adapter_config.json ]; then
+  .venv/bin/spkv train "${common[@]}" --predictor-lr-mult 25 --density-target $density --density-weight 1.0 \
+      --out $out $(resume $out)
+fi
+if [[ " $runs " == *" control "* ]] && [ ! -f $control/adapter/adapter_config.json ]; then
+  .venv/bin/spkv train "${common[@]}" --control --out $control $(resume $control)
+fi
+[ "$runs" = "spkv control" ] || exit 0  # the sweep needs both
 sweep=results/train/long/$name/nll_sweep.json
 if [ ! -f $sweep ] || [ $out/adapter/adapter_config.json -nt $sweep ]; then  # no sweep yet, or one of an older adapter
   .venv/bin/spkv eval nll --model smollm2-135m --adapter $out/adapter --control $control/adapter \
