@@ -33,3 +33,12 @@ for f in "${files[@]}"; do
       --methods spkv --lengths 1024 2048 4096 8192 --samples ${SAMPLES:-2} --prefill-chunk 128 --seed 0 \
       --out $out/tasks/$name --resume
 done
+# The dense control on the same prompts (the hybrids run on its weights), then one table of control,
+# SP-KV (its adapter, tau calibrated to 25%) and every layout, with retention vs the control and vs the
+# untouched base model: results/hybrid/gemma3/compare.{json,md}.
+.venv/bin/spkv eval tasks --model gemma3-270m --adapter adapters/gemma3-270m-control --methods dense \
+    --lengths 1024 2048 4096 8192 --samples ${SAMPLES:-2} --prefill-chunk 128 --seed 0 --out results/tasks/gemma3-control --resume
+rows=("control (dense)=results/tasks/gemma3-control/tasks.json" "SP-KV 25%=results/tasks/gemma3-spkv/tasks.json:spkv")
+for f in "${files[@]}"; do rows+=("$(basename $f .json)=$out/tasks/$(basename $f .json)/tasks.json:spkv"); done
+.venv/bin/spkv eval tasks-compare --rows "${rows[@]}" --reference control=results/tasks/gemma3-control/tasks.json \
+    base=results/tasks/gemma3/tasks.json --out $out

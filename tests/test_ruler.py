@@ -318,3 +318,63 @@ def test_cli_match_density_and_resume(tmp_path, monkeypatch):
     assert abs(on_prose["methods"]["key_norm"]["density"] - 0.3) <= 0.01
     assert "calibrated to 30% density on one prompt per task" in (out / "tasks.md").read_text()
     assert "calibrated to 30% density on 2 held-out documents" in (prose / "tasks.md").read_text()
+
+
+def _fake_run(method: str, label: str, scores: dict[tuple[str, int, int], float], density: float | None) -> dict:
+    samples = [{"task": t, "length": n, "index": i, "score": s} for (t, n, i), s in scores.items()]
+    cells = [{"task": t, "length": n, "density": density} for t, n in sorted({(t, n) for t, n, _ in scores})]
+    return {"method": method, "label": label, "samples": samples, "cells": cells}
+
+
+def _fake_result(*runs: dict, seed: int = 0) -> dict:
+    return {"tasks": ["a", "b"], "seed": seed, "config": {"haystack": "noise"}, "lengths": [8, 16], "methods": list(runs)}
+
+
+def test_comparison_table_across_runs_matches_brute_force(tmp_path):
+    """tasks-compare: each row's mean per length and over all cells, its density, and retention vs a
+    reference on the shared samples only, recomputed by hand; other task settings are refused."""
+    keys = [(t, n, i) for t in "ab" for n in (8, 16) for i in range(2)]
+    control = _fake_run("dense", "dense", {k: 1.0 if k[2] == 0 else 0.5 for k in keys}, 1.0)
+    hybrid = _fake_run("spkv", "hybrid x", {k: 1.0 if k[1] == 8 else 0.0 for k in keys}, 0.34)
+    extra = {("a", 8, 2): 1.0}  # a sample the control does not have: left out of retention, kept in the mean
+    spkv_run = _fake_run("spkv", "spkv (tau=0.3)", {**{k: 0.5 for k in keys}, **extra}, 0.25)
+    files = {}
+    for name, result in [("control", _fake_result(control)), ("hybrid", _fake_result(hybrid)),
+                         ("spkv", _fake_result(_fake_run("dense", "dense", {}, 1.0), spkv_run))]:
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps(result))
+    specs = [f"control={files['control']}", f"hybrid={files['hybrid']}:spkv", f"SP-KV={files['spkv']}:spkv (tau=0.3)"]
+    rows = {name: (result, run) for name, result, run in map(report.load_reference, specs)}
+    table = report.comparison(rows, {"control": rows["control"]})
+    by = {r["name"]: r for r in table["rows"]}
+    assert table["lengths"] == [8, 16]
+    assert by["control"]["score"]["all"]["mean"] == pytest.approx(0.75)
+    assert by["hybrid"]["score"]["8"]["mean"] == 1.0 and by["hybrid"]["score"]["16"]["mean"] == 0.0
+    assert by["hybrid"]["density"] == pytest.approx(0.34) and by["SP-KV"]["samples"] == 9
+    assert by["SP-KV"]["score"]["all"]["mean"] == pytest.approx((8 * 0.5 + 1.0) / 9)
+    assert by["SP-KV"]["retention"]["control"]["ratio"] == pytest.approx((8 * 0.5) / (8 * 0.75))  # shared samples only
+    assert by["hybrid"]["retention"]["control"]["ratio"] == pytest.approx(4.0 / 6.0)
+    lo, hi = by["hybrid"]["retention"]["control"]["ci"]
+    assert lo <= 4.0 / 6.0 <= hi
+    text = report.comparison_markdown(table)
+    assert "| hybrid | 100.0" in text and "retention vs control" in text
+    other = {**rows, "seed 1": (_fake_result(hybrid, seed=1), hybrid)}
+    with pytest.raises(ValueError, match="other task settings"):
+        report.comparison(other, {})
+
+
+def test_cli_tasks_compare_writes_the_table(tmp_path):
+    from spkv.cli import main
+
+    keys = [(t, n, 0) for t in "ab" for n in (8, 16)]
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(_fake_result(_fake_run("dense", "dense", {k: 1.0 for k in keys}, 1.0),
+                                            _fake_run("spkv", "spkv (tau=0.5)", {k: 0.5 for k in keys}, 0.3))))
+    main(["eval", "tasks-compare", "--rows", f"dense={path}", f"sp={path}:spkv", "--reference", f"base={path}",
+          "--out", str(tmp_path / "cmp")])
+    saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert [r["name"] for r in saved["rows"]] == ["dense", "sp"] and "provenance" in saved
+    assert saved["rows"][1]["retention"]["base"]["ratio"] == pytest.approx(0.5)
+    assert "| sp | 50.0" in (tmp_path / "cmp" / "compare.md").read_text()
+    with pytest.raises(SystemExit, match="has no method 'h2o'"):
+        main(["eval", "tasks-compare", "--rows", f"x={path}:h2o", "--out", str(tmp_path / "cmp2")])

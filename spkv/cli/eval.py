@@ -157,6 +157,21 @@ def _task_table(result: dict, references: dict[str, tuple[dict, dict]]) -> str:
     return tasks_markdown(result, {name: run for name, (_, run) in references.items()})
 
 
+def cmd_eval_tasks_compare(args: argparse.Namespace) -> None:
+    from spkv.eval.tasks.report import comparison, comparison_markdown
+    from spkv.results import atomic_write_text, write_json
+
+    rows, references = _task_references(args.rows), _task_references(args.reference)
+    table = comparison(rows, references)
+    out = Path(args.out)
+    write_json(out / "compare.json", {**table, "rows_from": args.rows, "references_from": args.reference or []})
+    text = ("RULER-style tasks: mean score (%) [95% bootstrap interval over samples] per length and over all cells, "
+            "each system from its own run on the same prompts; retention over all cells on the same samples.\n\n"
+            + comparison_markdown(table))
+    atomic_write_text(out / "compare.md", text)
+    print(text)
+
+
 def cmd_eval_tasks_report(args: argparse.Namespace) -> None:
     from spkv.results import atomic_write_text
 
@@ -297,6 +312,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     etr.add_argument("--reference", nargs="+", metavar="NAME=FILE[:LABEL]", help="as for spkv eval tasks (default: the run's own)")
     etr.add_argument("--out", help="markdown file (default: the result's name with .md)")
     etr.set_defaults(func=cmd_eval_tasks_report)
+    etc = esub.add_parser("tasks-compare", help="one table of several task runs' systems (e.g. control, SP-KV, hybrids)")
+    etc.add_argument("--rows", nargs="+", required=True, metavar="NAME=FILE[:LABEL]",
+                     help="a row per system: a run's method (default its dense one), e.g. 'SP-KV=results/tasks/gemma3-spkv/tasks.json:spkv'")
+    etc.add_argument("--reference", nargs="+", metavar="NAME=FILE[:LABEL]", help="retention against these (as for spkv eval tasks)")
+    etc.add_argument("--out", required=True, help="folder for compare.json and compare.md")
+    etc.set_defaults(func=cmd_eval_tasks_compare)
     el = esub.add_parser("lm-eval", help="lm-evaluation-harness tasks on the SP-KV model (needs the tasks' datasets)")
     add_model_args(el)
     el.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. hellaswag,arc_easy")

@@ -129,7 +129,8 @@ def tasks_markdown(result: dict[str, Any], references: dict[str, dict[str, Any]]
 
 
 def load_reference(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """NAME=FILE[:LABEL] -> (name, the file's result, its method run LABEL, default its dense run)."""
+    """NAME=FILE[:LABEL] -> (name, the file's result, its method run LABEL (a label or a method name),
+    default its dense run)."""
     import json
     from pathlib import Path
 
@@ -141,7 +142,49 @@ def load_reference(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
         raise FileNotFoundError(f"--reference {name}: no result file {path}")
     result = json.loads(Path(path).read_text())
     runs = {r["label"]: r for r in result["methods"]}
-    run = runs.get(label) if label else next((r for r in result["methods"] if r["method"] == "dense"), None)
+    method = label or "dense"  # LABEL: a run's label (e.g. 'spkv (tau=0.27)') or its method name ('spkv')
+    run = runs.get(method) or next((r for r in result["methods"] if r["method"] == method), None)
     if run is None:
         raise ValueError(f"--reference {name}: {path} has no method {label or 'dense'!r} (it has {', '.join(runs)})")
     return name, result, run
+
+
+def comparison(rows: dict[str, tuple[dict[str, Any], dict[str, Any]]],
+               references: dict[str, tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """One figure set per system, for a table across runs (e.g. the dense control, SP-KV and each
+    hybrid layout, each from its own `spkv eval tasks` run): per length and over all cells, the mean
+    score with its bootstrap interval; the mean density; retention vs each reference run on the same
+    samples. rows and references: name -> (the run's result, one of its method runs)."""
+    results = [result for result, _ in [*rows.values(), *references.values()]]
+    for (name, (result, _)) in [*rows.items(), *references.items()]:
+        check_comparable(result, results[0], name)
+    lengths = sorted({n for result, _ in rows.values() for n in result["lengths"]})
+    out = []
+    for name, (_, run) in rows.items():
+        densities = [c["density"] for c in run["cells"] if c["density"] is not None]
+        row: dict[str, Any] = {"name": name, "label": run["label"], "density": _mean(densities),
+                               "samples": len(run["samples"]), "score": {}, "retention": {}}
+        for n in [*lengths, "all"]:
+            score, ci = mean_with_ci(sample_scores(run, n))
+            row["score"][str(n)] = None if score is None else {"mean": score, "ci": list(ci)}
+        for ref, (_, ref_run) in references.items():
+            value = retention(run, ref_run, "all")
+            row["retention"][ref] = None if value is None else {"ratio": value[0], "ci": list(value[1])}
+        out.append(row)
+    return {"lengths": lengths, "references": list(references), "rows": out}
+
+
+def comparison_markdown(table: dict[str, Any]) -> str:
+    """The comparison as markdown: mean score [95% interval] per length and over all cells, density,
+    retention over all cells vs each reference."""
+    lengths, refs = table["lengths"], table["references"]
+    head = ["system", *map(str, lengths), "all", "density", *(f"retention vs {r}" for r in refs)]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for row in table["rows"]:
+        scores = [row["score"][str(n)] for n in [*lengths, "all"]]
+        cells = ["" if s is None else _pct(s["mean"]) + _ci(s["ci"]) for s in scores]
+        density = "" if row["density"] is None else f"{100 * row['density']:.1f}%"
+        ret = [_retention_text(None if v is None else (v["ratio"], v["ci"])) for v in (row["retention"][r] for r in refs)]
+        lines.append("| " + " | ".join([row["name"], *cells, density, *ret]) + " |")
+    return "\n".join(lines) + "\n"
+
