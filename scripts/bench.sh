@@ -3,8 +3,8 @@
 # provenance of results/bench/decode.json, prefill.json and train.json. PARTS picks which run
 # (default "decode prefill train"); "profile" also redoes results/bench/decode_profile.* with the
 # command its provenance records. Each part rewrites its result files under results/bench/.
-# decode: 17.8 min at batch 1 and 8 on the 2-core CPU of results/bench/decode.json (its `wall_s`; batch
-# 16 adds rows, 32k x 16 skipped for memory at --max-kv-gib 12); its spkv-adapter rows use the shipped
+# decode: 38.2 min at batch 1, 8 and 16 on the 2-core CPU of results/bench/decode.json (its `wall_s`;
+# static and dynamic at 32k x 16 skipped for memory at --max-kv-gib 12); its spkv-adapter rows use the shipped
 # adapter, adapters/smollm2-135m-spkv. decode-gemma3: Gemma3-270M, whose positions reach 32k, with its
 # shipped adapter, into results/bench/gemma3/. prefill-lkv: issue 17's LKV adapter (its scorer's share of
 # prefill time, bytes held against its budget at 8k and 16k), into results/bench/lkv/; lkv-scorer: only the
