@@ -378,3 +378,25 @@ def test_cli_tasks_compare_writes_the_table(tmp_path):
     assert "| sp | 50.0" in (tmp_path / "cmp" / "compare.md").read_text()
     with pytest.raises(SystemExit, match="has no method 'h2o'"):
         main(["eval", "tasks-compare", "--rows", f"x={path}:h2o", "--out", str(tmp_path / "cmp2")])
+
+
+def test_mean_run_is_the_expected_score_of_a_uniform_choice(tmp_path):
+    """--mean: per sample, the mean of the members' scores over the samples they all have."""
+    from spkv.cli import main
+
+    keys = [(t, n, 0) for t in "ab" for n in (8, 16)]
+    one = _fake_run("spkv", "one", {k: 1.0 for k in keys}, 0.3)
+    two = _fake_run("spkv", "two", {**{k: 0.0 for k in keys[:3]}}, 0.4)  # lacks the last sample
+    mean = report.mean_run([one, two], "either")
+    assert [s["score"] for s in mean["samples"]] == [0.5, 0.5, 0.5] and mean["cells"][0]["density"] == pytest.approx(0.35)
+    paths = []
+    for run in (one, two):
+        paths.append(tmp_path / f"{run['label']}.json")
+        paths[-1].write_text(json.dumps(_fake_result(run)))
+    main(["eval", "tasks-compare", "--rows", f"one={paths[0]}:spkv", f"two={paths[1]}:spkv", "--mean", "either=one,two",
+          "--reference", f"one={paths[0]}:spkv", "--out", str(tmp_path / "cmp")])
+    saved = {r["name"]: r for r in json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]}
+    assert saved["either"]["score"]["all"]["mean"] == 0.5 and saved["either"]["retention"]["one"]["ratio"] == 0.5
+    assert "either: the expected score of one of one, two" in (tmp_path / "cmp" / "compare.md").read_text()
+    with pytest.raises(SystemExit, match="--mean takes NAME=ROW,ROW"):
+        main(["eval", "tasks-compare", "--rows", f"one={paths[0]}:spkv", "--mean", "x=one,three", "--out", str(tmp_path / "c2")])

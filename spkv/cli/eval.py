@@ -158,16 +158,25 @@ def _task_table(result: dict, references: dict[str, tuple[dict, dict]]) -> str:
 
 
 def cmd_eval_tasks_compare(args: argparse.Namespace) -> None:
-    from spkv.eval.tasks.report import comparison, comparison_markdown
+    from spkv.eval.tasks.report import comparison, comparison_markdown, mean_run
     from spkv.results import atomic_write_text, write_json
 
     rows, references = _task_references(args.rows), _task_references(args.reference)
+    for spec in args.mean or []:
+        name, sep, parts = spec.partition("=")
+        members = [m.strip() for m in parts.split(",")]
+        if not sep or not name or len(members) < 2 or any(m not in rows for m in members):
+            raise ValueError(f"--mean takes NAME=ROW,ROW[,...] naming rows given to --rows ({', '.join(rows)}), got {spec!r}")
+        rows[name] = (rows[members[0]][0], mean_run([rows[m][1] for m in members], name))
     table = comparison(rows, references)
     out = Path(args.out)
-    write_json(out / "compare.json", {**table, "rows_from": args.rows, "references_from": args.reference or []})
+    write_json(out / "compare.json", {**table, "rows_from": args.rows, "means": args.mean or [],
+                                      "references_from": args.reference or []})
     text = ("RULER-style tasks: mean score (%) [95% bootstrap interval over samples] per length and over all cells, "
             "each system from its own run on the same prompts; retention over all cells on the same samples.\n\n"
-            + comparison_markdown(table))
+            + "".join(f"{spec.partition('=')[0]}: the expected score of one of {spec.partition('=')[2].replace(',', ', ')} "
+                      "drawn uniformly at random (their mean per sample).\n" for spec in args.mean or [])
+            + "\n" + comparison_markdown(table))
     atomic_write_text(out / "compare.md", text)
     print(text)
 
@@ -315,6 +324,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     etc = esub.add_parser("tasks-compare", help="one table of several task runs' systems (e.g. control, SP-KV, hybrids)")
     etc.add_argument("--rows", nargs="+", required=True, metavar="NAME=FILE[:LABEL]",
                      help="a row per system: a run's method (default its dense one), e.g. 'SP-KV=results/tasks/gemma3-spkv/tasks.json:spkv'")
+    etc.add_argument("--mean", nargs="+", metavar="NAME=ROW,ROW[,...]",
+                     help="a row for a system that is one of these rows drawn uniformly at random (its expected score "
+                          "per sample), e.g. a random global layer when the rows are every possible layout")
     etc.add_argument("--reference", nargs="+", metavar="NAME=FILE[:LABEL]", help="retention against these (as for spkv eval tasks)")
     etc.add_argument("--out", required=True, help="folder for compare.json and compare.md")
     etc.set_defaults(func=cmd_eval_tasks_compare)

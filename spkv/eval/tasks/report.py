@@ -174,6 +174,20 @@ def comparison(rows: dict[str, tuple[dict[str, Any], dict[str, Any]]],
     return {"lengths": lengths, "references": list(references), "rows": out}
 
 
+def mean_run(runs: list[dict[str, Any]], label: str) -> dict[str, Any]:
+    """A system that is one of `runs` drawn uniformly at random (e.g. a random global layer when only
+    these layouts exist): its expected score on each sample is the mean of theirs, over the samples
+    they all have; its density is the mean of theirs."""
+    scores = [sample_scores(run) for run in runs]
+    keys = sorted(set.intersection(*(set(s) for s in scores)))
+    samples = [{"task": t, "length": n, "index": i, "score": sum(s[(t, n, i)] for s in scores) / len(scores)}
+               for t, n, i in keys]
+    densities = [_mean([c["density"] for c in run["cells"] if c["density"] is not None]) for run in runs]
+    density = None if None in densities else sum(densities) / len(densities)
+    cells = [{"task": t, "length": n, "density": density} for t, n in sorted({(t, n) for t, n, _ in keys})]
+    return {"method": "mean", "label": label, "samples": samples, "cells": cells}
+
+
 def comparison_markdown(table: dict[str, Any]) -> str:
     """The comparison as markdown: mean score [95% interval] per length and over all cells, density,
     retention over all cells vs each reference."""
