@@ -162,21 +162,21 @@ def cmd_eval_tasks_compare(args: argparse.Namespace) -> None:
     from spkv.results import atomic_write_text, write_json
 
     rows, references = _task_references(args.rows), _task_references(args.reference)
+    notes = ["RULER-style tasks: mean score (%) [95% bootstrap interval over samples] per length and over all cells, "
+             "each system from its own run on the same prompts; retention over all cells on the same samples."]
     for spec in args.mean or []:
         name, sep, parts = spec.partition("=")
         members = [m.strip() for m in parts.split(",")]
         if not sep or not name or len(members) < 2 or any(m not in rows for m in members):
             raise ValueError(f"--mean takes NAME=ROW,ROW[,...] naming rows given to --rows ({', '.join(rows)}), got {spec!r}")
         rows[name] = (rows[members[0]][0], mean_run([rows[m][1] for m in members], name))
+        notes.append(f"{name}: the expected score of one of {', '.join(members)} drawn uniformly at random "
+                     "(their mean per sample).")
     table = comparison(rows, references)
     out = Path(args.out)
     write_json(out / "compare.json", {**table, "rows_from": args.rows, "means": args.mean or [],
                                       "references_from": args.reference or []})
-    text = ("RULER-style tasks: mean score (%) [95% bootstrap interval over samples] per length and over all cells, "
-            "each system from its own run on the same prompts; retention over all cells on the same samples.\n\n"
-            + "".join(f"{spec.partition('=')[0]}: the expected score of one of {spec.partition('=')[2].replace(',', ', ')} "
-                      "drawn uniformly at random (their mean per sample).\n" for spec in args.mean or [])
-            + "\n" + comparison_markdown(table))
+    text = "\n".join(notes) + "\n\n" + comparison_markdown(table)
     atomic_write_text(out / "compare.md", text)
     print(text)
 
