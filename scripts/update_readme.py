@@ -34,6 +34,7 @@ BLOCKS = {
     "matched_frozen": ("results/eval/smollm2-frozen/matched.md", "results/eval/smollm2-frozen/matched.json"),
     "analysis": ("results/analysis/smollm2/analysis.md", "results/analysis/smollm2/analysis.json"),
     "hybrids": ("results/hybrid/smollm2/hybrids.md", "results/hybrid/smollm2/hybrids.json"),
+    "hybrids_gemma3": ("results/hybrid/gemma3/compare.md", "results/hybrid/gemma3/compare.json"),
     "tasks": ("results/tasks/gemma3/tasks.md", "results/tasks/gemma3/tasks.json"),
     "tasks_spkv": ("results/tasks/gemma3-spkv/tasks.md", "results/tasks/gemma3-spkv/tasks.json"),
     "core": ("results/core/core_report.md", "results/core/core_report.json"),
