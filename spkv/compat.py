@@ -93,15 +93,6 @@ def default_layers(text_config: Any) -> list[Callable[[], CacheLayerMixin]]:
 
 
 # 4. attention functions
-def enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each decoder layer in backward (non-reentrant). transformers 5.24 renamed
-    gradient_checkpointing_enable to activation_checkpointing_enable and deprecates the old name."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
 def register_attention(name: str, fn: Callable[..., tuple[torch.Tensor, Any]]) -> None:
     """Make `name` a valid attn_implementation with sdpa's mask format (idempotent)."""
     AttentionInterface.register(name, fn)

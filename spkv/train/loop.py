@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from spkv.adapter import save_adapter
-from spkv.compat import enable_activation_checkpointing
 from spkv.config import LKVConfig, SPKVConfig
 from spkv.convert import convert, predictors, record_gates, update_config
 from spkv.data.corpus import default_corpus
@@ -109,7 +108,7 @@ def build_model(cfg: TrainConfig):
         convert(model, spkv_config(cfg, phase="soft"))
     model.config.use_cache = False
     if cfg.activation_checkpointing:  # recompute each layer in backward: memory for long --seq-len
-        enable_activation_checkpointing(model)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train_llm == "lora":
         from peft import LoraConfig, get_peft_model
 
