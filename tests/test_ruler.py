@@ -336,7 +336,7 @@ def test_comparison_table_across_runs_matches_brute_force(tmp_path):
     keys = [(t, n, i) for t in "ab" for n in (8, 16) for i in range(2)]
     control = _fake_run("dense", "dense", {k: 1.0 if k[2] == 0 else 0.5 for k in keys}, 1.0)
     hybrid = _fake_run("spkv", "hybrid x", {k: 1.0 if k[1] == 8 else 0.0 for k in keys}, 0.34)
-    extra = {("a", 8, 2): 1.0}  # a sample the control does not have: left out of retention, kept in the mean
+    extra = {("a", 8, 2): 1.0}  # a sample the other rows lack: left out of the means and of retention
     spkv_run = _fake_run("spkv", "spkv (tau=0.3)", {**{k: 0.5 for k in keys}, **extra}, 0.25)
     files = {}
     for name, result in [("control", _fake_result(control)), ("hybrid", _fake_result(hybrid)),
@@ -350,8 +350,8 @@ def test_comparison_table_across_runs_matches_brute_force(tmp_path):
     assert table["lengths"] == [8, 16]
     assert by["control"]["score"]["all"]["mean"] == pytest.approx(0.75)
     assert by["hybrid"]["score"]["8"]["mean"] == 1.0 and by["hybrid"]["score"]["16"]["mean"] == 0.0
-    assert by["hybrid"]["density"] == pytest.approx(0.34) and by["SP-KV"]["samples"] == 9
-    assert by["SP-KV"]["score"]["all"]["mean"] == pytest.approx((8 * 0.5 + 1.0) / 9)
+    assert by["hybrid"]["density"] == pytest.approx(0.34) and by["SP-KV"]["samples"] == 8  # the samples every row has
+    assert by["SP-KV"]["score"]["all"]["mean"] == pytest.approx(0.5)
     assert by["SP-KV"]["retention"]["control"]["ratio"] == pytest.approx((8 * 0.5) / (8 * 0.75))  # shared samples only
     assert by["hybrid"]["retention"]["control"]["ratio"] == pytest.approx(4.0 / 6.0)
     lo, hi = by["hybrid"]["retention"]["control"]["ci"]

@@ -153,19 +153,21 @@ def comparison(rows: dict[str, tuple[dict[str, Any], dict[str, Any]]],
                references: dict[str, tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
     """One figure set per system, for a table across runs (e.g. the dense control, SP-KV and each
     hybrid layout, each from its own `spkv eval tasks` run): per length and over all cells, the mean
-    score with its bootstrap interval; the mean density; retention vs each reference run on the same
-    samples. rows and references: name -> (the run's result, one of its method runs)."""
+    score with its bootstrap interval over the samples every row has (runs grown to different sample
+    counts are compared on the same prompts); the mean density; retention vs each reference run on
+    the samples both have. rows and references: name -> (the run's result, one of its method runs)."""
     results = [result for result, _ in [*rows.values(), *references.values()]]
     for (name, (result, _)) in [*rows.items(), *references.items()]:
         check_comparable(result, results[0], name)
     lengths = sorted({n for result, _ in rows.values() for n in result["lengths"]})
+    common = set.intersection(*(set(sample_scores(run)) for _, run in rows.values()))
     out = []
     for name, (_, run) in rows.items():
         densities = [c["density"] for c in run["cells"] if c["density"] is not None]
         row: dict[str, Any] = {"name": name, "label": run["label"], "density": _mean(densities),
-                               "samples": len(run["samples"]), "score": {}, "retention": {}}
+                               "samples": len(common), "score": {}, "retention": {}}
         for n in [*lengths, "all"]:
-            score, ci = mean_with_ci(sample_scores(run, n))
+            score, ci = mean_with_ci({k: v for k, v in sample_scores(run, n).items() if k in common})
             row["score"][str(n)] = None if score is None else {"mean": score, "ci": list(ci)}
         for ref, (_, ref_run) in references.items():
             value = retention(run, ref_run, "all")
