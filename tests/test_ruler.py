@@ -398,5 +398,7 @@ def test_mean_run_is_the_expected_score_of_a_uniform_choice(tmp_path):
     saved = {r["name"]: r for r in json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]}
     assert saved["either"]["score"]["all"]["mean"] == 0.5 and saved["either"]["retention"]["one"]["ratio"] == 0.5
     assert "either: the expected score of one of one, two" in (tmp_path / "cmp" / "compare.md").read_text()
-    with pytest.raises(SystemExit, match="--mean takes NAME=ROW,ROW"):
-        main(["eval", "tasks-compare", "--rows", f"one={paths[0]}:spkv", "--mean", "x=one,three", "--out", str(tmp_path / "c2")])
+    for bad in ("x=one,three", "one=one,two"):  # an unknown row; a name that would replace a row
+        with pytest.raises(SystemExit, match="--mean takes NAME=ROW,ROW"):
+            main(["eval", "tasks-compare", "--rows", f"one={paths[0]}:spkv", f"two={paths[1]}:spkv", "--mean", bad,
+                  "--out", str(tmp_path / "c2")])

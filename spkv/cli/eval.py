@@ -167,8 +167,9 @@ def cmd_eval_tasks_compare(args: argparse.Namespace) -> None:
     for spec in args.mean or []:
         name, sep, parts = spec.partition("=")
         members = [m.strip() for m in parts.split(",")]
-        if not sep or not name or len(members) < 2 or any(m not in rows for m in members):
-            raise ValueError(f"--mean takes NAME=ROW,ROW[,...] naming rows given to --rows ({', '.join(rows)}), got {spec!r}")
+        if not sep or not name or name in rows or len(members) < 2 or any(m not in rows for m in members):
+            raise ValueError(f"--mean takes NAME=ROW,ROW[,...]: a new NAME and rows given to --rows ({', '.join(rows)}), "
+                             f"got {spec!r}")
         rows[name] = (rows[members[0]][0], mean_run([rows[m][1] for m in members], name))
         notes.append(f"{name}: the expected score of one of {', '.join(members)} drawn uniformly at random "
                      "(their mean per sample).")

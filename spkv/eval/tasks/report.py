@@ -145,8 +145,13 @@ def load_reference(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     method = label or "dense"  # LABEL: a run's label (e.g. 'spkv (tau=0.27)') or its method name ('spkv')
     run = runs.get(method) or next((r for r in result["methods"] if r["method"] == method), None)
     if run is None:
-        raise ValueError(f"--reference {name}: {path} has no method {label or 'dense'!r} (it has {', '.join(runs)})")
+        raise ValueError(f"--reference {name}: {path} has no method {method!r} (it has {', '.join(runs)})")
     return name, result, run
+
+
+def _run_density(run: dict[str, Any]) -> float | None:
+    """Mean density over a method run's cells that measured one."""
+    return _mean([c["density"] for c in run["cells"] if c["density"] is not None])
 
 
 def comparison(rows: dict[str, tuple[dict[str, Any], dict[str, Any]]],
@@ -163,8 +168,7 @@ def comparison(rows: dict[str, tuple[dict[str, Any], dict[str, Any]]],
     common = set.intersection(*(set(sample_scores(run)) for _, run in rows.values()))
     out = []
     for name, (_, run) in rows.items():
-        densities = [c["density"] for c in run["cells"] if c["density"] is not None]
-        row: dict[str, Any] = {"name": name, "label": run["label"], "density": _mean(densities),
+        row: dict[str, Any] = {"name": name, "label": run["label"], "density": _run_density(run),
                                "samples": len(common), "score": {}, "retention": {}}
         for n in [*lengths, "all"]:
             score, ci = mean_with_ci({k: v for k, v in sample_scores(run, n).items() if k in common})
@@ -184,7 +188,7 @@ def mean_run(runs: list[dict[str, Any]], label: str) -> dict[str, Any]:
     keys = sorted(set.intersection(*(set(s) for s in scores)))
     samples = [{"task": t, "length": n, "index": i, "score": sum(s[(t, n, i)] for s in scores) / len(scores)}
                for t, n, i in keys]
-    densities = [_mean([c["density"] for c in run["cells"] if c["density"] is not None]) for run in runs]
+    densities = [_run_density(run) for run in runs]
     density = None if None in densities else sum(densities) / len(densities)
     cells = [{"task": t, "length": n, "density": density} for t, n in sorted({(t, n) for t, n, _ in keys})]
     return {"method": "mean", "label": label, "samples": samples, "cells": cells}
@@ -203,4 +207,3 @@ def comparison_markdown(table: dict[str, Any]) -> str:
         ret = [_retention_text(None if v is None else (v["ratio"], v["ci"])) for v in (row["retention"][r] for r in refs)]
         lines.append("| " + " | ".join([row["name"], *cells, density, *ret]) + " |")
     return "\n".join(lines) + "\n"
-
