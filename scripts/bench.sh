@@ -38,7 +38,7 @@ for part in ${PARTS:-decode prefill train}; do
       .venv/bin/spkv bench prefill --model smollm2-135m --contexts 2048 8192 --batch-sizes 1 --prefill-chunk 1024 --repeats 2 ;;
     prefill-lkv)
       [ -f adapters/lkv/smollm2-135m-lkv-frozen/adapter_config.json ] || {
-        echo "bench.sh prefill-lkv: no adapters/lkv/smollm2-135m-lkv-frozen; train it first: bash scripts/train_lkv_smollm2.sh" >&2; exit 2; }
+        echo "bench.sh prefill-lkv: no adapters/lkv/smollm2-135m-lkv-frozen; train it first: bash scripts/train_lkv.sh" >&2; exit 2; }
       .venv/bin/spkv bench prefill --model smollm2-135m --adapter adapters/lkv/smollm2-135m-lkv-frozen \
           --contexts 2048 8192 16384 --batch-sizes 1 --prefill-chunk 1024 --repeats 2 --out results/bench/lkv ;;
     lkv-scorer)  # issue 17's cost target alone: the token scorers' share of a plain prefill (~6 min)

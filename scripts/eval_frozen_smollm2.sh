@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 17's frozen-LLM table, SmolLM2-135M at 2k on the 16 held-out documents of the main table: the
-# learned systems trained with the LLM frozen (adapters/lkv/*frozen*, scripts/train_lkv_smollm2.sh)
+# learned systems trained with the LLM frozen (adapters/lkv/*frozen*, scripts/train_lkv.sh)
 # against the post-hoc baselines on the same untouched weights (`--control base`), every row at the
 # shipped SP-KV adapter's density (29.6% at tau 0.5), dNLL% against the base model. The main table
 # (eval_matched_smollm2.sh) runs its baselines on the fine-tuned dense control, which is 5.6% better

@@ -3,7 +3,7 @@
 # tau 0.5 and every post-hoc baseline calibrated to SP-KV's density, at 2k tokens on the 16 held-out
 # documents of results/train. Issue 17's learned systems join it at the same density, each on its own
 # weights, for every adapter that exists: the joint SP-KV adapter of the frozen runs' token count
-# (164k), and adapters/lkv/* of scripts/train_lkv_smollm2.sh. Resumable (--resume reuses finished rows
+# (164k), and adapters/lkv/* of scripts/train_lkv.sh. Resumable (--resume reuses finished rows
 # of the same table: a finished run only adds rows). Then the density analysis
 # (scripts/analyze_smollm2.sh; ANALYZE=0 skips it). THREADS (default: torch's) sets the torch threads.
 # Needs `spkv data` first.

@@ -35,7 +35,7 @@ tasks=(--model gemma3-270m --adapter adapters/gemma3-270m-control --lengths 1024
 hybrid() { .venv/bin/spkv eval tasks "${tasks[@]}" --hybrid-layout $layouts/$1-0.34-sinks4.json --methods spkv \
     --out $out/tasks/$1-0.34-sinks4; }
 # two jobs, one per core: the control's dense run (the reference) and the three distinct layouts
-( .venv/bin/spkv eval tasks "${tasks[@]}" --methods dense --out results/tasks/gemma3-control && hybrid probe-layer ) &
+( PARTS=control bash scripts/eval_tasks_gemma3.sh && hybrid probe-layer ) &
 hybrid learned-layer && hybrid interleave
 wait $!
 rows=("control (dense)=results/tasks/gemma3-control/tasks.json" "SP-KV 25% (its adapter)=results/tasks/gemma3-spkv/tasks.json:spkv")

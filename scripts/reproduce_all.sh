@@ -40,7 +40,7 @@ run_step() {
       bash scripts/train_options_smollm2.sh
       .venv/bin/python scripts/options_report.py ;;
     eval_matched) ANALYZE=0 bash scripts/eval_matched_smollm2.sh ;;
-    train_lkv) RUNS="lkv-frozen-hardened wg-frozen-hardened lkv-uniform-hardened" bash scripts/train_lkv_smollm2.sh ;;
+    train_lkv) RUNS="lkv-frozen-hardened wg-frozen-hardened lkv-uniform-hardened" bash scripts/train_lkv.sh ;;
     eval_frozen) bash scripts/eval_frozen_smollm2.sh ;;
     analyze) bash scripts/analyze_smollm2.sh ;;
     hybrids)

@@ -37,6 +37,8 @@ BLOCKS = {
     "hybrids_gemma3": ("results/hybrid/gemma3/compare.md", "results/hybrid/gemma3/compare.json"),
     "tasks": ("results/tasks/gemma3/tasks.md", "results/tasks/gemma3/tasks.json"),
     "tasks_spkv": ("results/tasks/gemma3-spkv/tasks.md", "results/tasks/gemma3-spkv/tasks.json"),
+    "tasks_gemma3_long": ("results/tasks/compare-long/compare.md", "results/tasks/compare-long/compare.json"),
+    "tasks_gemma3_learned": ("results/tasks/compare-learned/compare.md", "results/tasks/compare-learned/compare.json"),
     "core": ("results/core/core_report.md", "results/core/core_report.json"),
     "decode": ("results/bench/decode.md", "results/bench/decode.json"),
     "decode_gemma3": ("results/bench/gemma3/decode.md", "results/bench/gemma3/decode.json"),

@@ -33,7 +33,7 @@ def _one_step(cfg: TrainConfig, model: torch.nn.Module, teacher: torch.nn.Module
 
 
 PLAIN, SPKV, LKV = "plain fine-tuning", "SP-KV (soft phase)", "LKV (soft phase, LLM frozen, self-distillation)"
-RUNS = {  # name -> TrainConfig fields beyond the shared ones (LKV: scripts/train_lkv_smollm2.sh's lkv-frozen recipe)
+RUNS = {  # name -> TrainConfig fields beyond the shared ones (LKV: scripts/train_lkv.sh's lkv-frozen recipe)
     PLAIN: {"control": True},
     SPKV: {},
     LKV: {"method": "lkv", "budget": 0.3, "hard_fraction": 0.0, "distill_weight": 1.0, "train_llm": "none"},

@@ -173,7 +173,7 @@ def cmd_eval_tasks_compare(args: argparse.Namespace) -> None:
         rows[name] = (rows[members[0]][0], mean_run([rows[m][1] for m in members], name))
         notes.append(f"{name}: the expected score of one of {', '.join(members)} drawn uniformly at random "
                      "(their mean per sample).")
-    table = comparison(rows, references)
+    table = comparison(rows, references, versus=args.versus)
     out = Path(args.out)
     write_json(out / "compare.json", {**table, "rows_from": args.rows, "means": args.mean or [],
                                       "references_from": args.reference or []})
@@ -329,6 +329,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                      help="a row for a system that is one of these rows drawn uniformly at random (its expected score "
                           "per sample), e.g. a random global layer when the rows are every possible layout")
     etc.add_argument("--reference", nargs="+", metavar="NAME=FILE[:LABEL]", help="retention against these (as for spkv eval tasks)")
+    etc.add_argument("--versus", metavar="NAME", help="a row (e.g. the best baseline) every other row's paired score "
+                     "difference is measured from, per length, with its interval")
     etc.add_argument("--out", required=True, help="folder for compare.json and compare.md")
     etc.set_defaults(func=cmd_eval_tasks_compare)
     el = esub.add_parser("lm-eval", help="lm-evaluation-harness tasks on the SP-KV model (needs the tasks' datasets)")

@@ -154,30 +154,59 @@ def _run_density(run: dict[str, Any]) -> float | None:
     return _mean([c["density"] for c in run["cells"] if c["density"] is not None])
 
 
+def difference(run: dict[str, Any], other: dict[str, Any], keys: set[Key], length: int | str = "all"
+               ) -> tuple[float, tuple[float, float]] | None:
+    """Mean score of `run` minus `other`'s on the same samples (those in `keys` at this length), with
+    a paired bootstrap 95% interval: whether one system beats another, not just whether their
+    separate intervals overlap."""
+    a, b = sample_scores(run, length), sample_scores(other, length)
+    shared = sorted(k for k in set(a) & set(b) if k in keys)
+    if not shared:
+        return None
+    ours, theirs = [a[k] for k in shared], [b[k] for k in shared]
+
+    def diff(groups: list[list[float]]) -> float:
+        return (sum(groups[0]) - sum(groups[1])) / len(groups[0])
+
+    return diff([ours, theirs]), bootstrap_interval([ours, theirs], diff)
+
+
+def _figure(value: tuple[float, tuple[float, float]] | None, key: str) -> dict[str, Any] | None:
+    return None if value is None else {key: value[0], "ci": list(value[1])}
+
+
 def comparison(rows: dict[str, tuple[dict[str, Any], dict[str, Any]]],
-               references: dict[str, tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+               references: dict[str, tuple[dict[str, Any], dict[str, Any]]],
+               versus: str | None = None) -> dict[str, Any]:
     """One figure set per system, for a table across runs (e.g. the dense control, SP-KV and each
     hybrid layout, each from its own `spkv eval tasks` run): per length and over all cells, the mean
     score with its bootstrap interval over the samples every row has (runs grown to different sample
     counts are compared on the same prompts); the mean density; retention vs each reference run on
-    the samples both have. rows and references: name -> (the run's result, one of its method runs)."""
+    the samples both have, over all cells and per length; with `versus` (a row's name), each row's
+    paired difference from that row per length. rows and references: name -> (the run's result, one
+    of its method runs)."""
     results = [result for result, _ in [*rows.values(), *references.values()]]
     for (name, (result, _)) in [*rows.items(), *references.items()]:
         check_comparable(result, results[0], name)
+    if versus is not None and versus not in rows:
+        raise ValueError(f"versus {versus!r} is not one of the rows ({', '.join(rows)})")
     lengths = sorted({n for result, _ in rows.values() for n in result["lengths"]})
     common = set.intersection(*(set(sample_scores(run)) for _, run in rows.values()))
     out = []
     for name, (_, run) in rows.items():
         row: dict[str, Any] = {"name": name, "label": run["label"], "density": _run_density(run),
-                               "samples": len(common), "score": {}, "retention": {}}
+                               "samples": len(common), "score": {}, "retention": {}, "retention_by_length": {}}
         for n in [*lengths, "all"]:
             score, ci = mean_with_ci({k: v for k, v in sample_scores(run, n).items() if k in common})
             row["score"][str(n)] = None if score is None else {"mean": score, "ci": list(ci)}
         for ref, (_, ref_run) in references.items():
-            value = retention(run, ref_run, "all")
-            row["retention"][ref] = None if value is None else {"ratio": value[0], "ci": list(value[1])}
+            row["retention"][ref] = _figure(retention(run, ref_run, "all"), "ratio")
+            row["retention_by_length"][ref] = {str(n): _figure(retention(run, ref_run, n), "ratio") for n in lengths}
+        if versus is not None:
+            row["difference"] = {str(n): _figure(difference(run, rows[versus][1], common, n), "mean")
+                                 for n in [*lengths, "all"]}
         out.append(row)
-    return {"lengths": lengths, "references": list(references), "rows": out}
+    return {"lengths": lengths, "references": list(references), "versus": versus, "rows": out}
 
 
 def mean_run(runs: list[dict[str, Any]], label: str) -> dict[str, Any]:
@@ -196,7 +225,8 @@ def mean_run(runs: list[dict[str, Any]], label: str) -> dict[str, Any]:
 
 def comparison_markdown(table: dict[str, Any]) -> str:
     """The comparison as markdown: mean score [95% interval] per length and over all cells, density,
-    retention over all cells vs each reference."""
+    retention over all cells vs each reference; then retention per length vs each reference, and the
+    paired difference from the `versus` row, when there is one."""
     lengths, refs = table["lengths"], table["references"]
     head = ["system", *map(str, lengths), "all", "density", *(f"retention vs {r}" for r in refs)]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -204,6 +234,33 @@ def comparison_markdown(table: dict[str, Any]) -> str:
         scores = [row["score"][str(n)] for n in [*lengths, "all"]]
         cells = ["" if s is None else _pct(s["mean"]) + _ci(s["ci"]) for s in scores]
         density = "" if row["density"] is None else f"{100 * row['density']:.1f}%"
-        ret = [_retention_text(None if v is None else (v["ratio"], v["ci"])) for v in (row["retention"][r] for r in refs)]
+        ret = [_retention_text(_pair(row["retention"][r], "ratio")) for r in refs]
         lines.append("| " + " | ".join([row["name"], *cells, density, *ret]) + " |")
+    for ref in refs:
+        lines += ["", f"Retention vs {ref} per length (paired, on the samples both have):", "",
+                  "| system | " + " | ".join(map(str, lengths)) + " |", "|" + " --- |" * (len(lengths) + 1)]
+        for row in table["rows"]:
+            by = row.get("retention_by_length", {}).get(ref, {})
+            lines.append("| " + " | ".join([row["name"], *(_retention_text(_pair(by.get(str(n)), "ratio"))
+                                                           for n in lengths)]) + " |")
+    versus = table.get("versus")
+    if versus:
+        lines += ["", f"Difference from {versus} (score points, paired over the samples every row has; an interval "
+                  "that excludes 0 is a real difference):", "",
+                  "| system | " + " | ".join(map(str, [*lengths, "all"])) + " |", "|" + " --- |" * (len(lengths) + 2)]
+        for row in table["rows"]:
+            if row["name"] != versus:
+                lines.append("| " + " | ".join([row["name"], *(_points(row["difference"][str(n)])
+                                                               for n in [*lengths, "all"])]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _pair(figure: dict[str, Any] | None, key: str) -> tuple[float, tuple[float, float]] | None:
+    return None if figure is None else (figure[key], figure["ci"])
+
+
+def _points(figure: dict[str, Any] | None) -> str:
+    if figure is None:
+        return ""
+    lo, hi = figure["ci"]
+    return f"{100 * figure['mean']:+.1f} [{100 * lo:+.0f}, {100 * hi:+.0f}]"

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The Gemma3-270M task-suite comparisons, from the runs of scripts/eval_tasks_gemma3.sh (rows whose
+# run does not exist yet are left out; rows are compared on the samples they all have):
+#   results/tasks/compare-long     issue 16: the untouched model and its post-hoc baselines, the 2k
+#       adapter pair and the long-context pair (dense control, adapted weights dense, SP-KV at 25%);
+#       retention vs the base model and vs each control, per length; paired differences from the best
+#       post-hoc baseline (the highest mean over all cells of the base run).
+#   results/tasks/compare-learned  issue 17: the learned systems (SP-KV joint, the frozen-LLM write
+#       gate, LKV frozen / uniform budgets / LoRA) beside the baselines, vs the base model and control.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+base=results/tasks/gemma3/tasks.json
+have() { [ -f "${1%%:*}" ]; }
+add() { have "${2}" && rows+=("$1=$2") || true; }
+baselines=()
+while IFS=$'\t' read -r name label; do baselines+=("$name=$base:$label"); done < <(python3 - "$base" <<'PY'
+import json, sys
+runs = [m for m in json.load(open(sys.argv[1]))["methods"] if m["method"] != "dense"]
+runs.sort(key=lambda m: -sum(s["score"] for s in m["samples"]) / len(m["samples"]))  # best first
+for m in runs:
+    print(f"{m['method']} 25% (base weights)\t{m['label']}")
+PY
+)
+best=${baselines[0]%%=*}
+refs=(base=$base)
+have results/tasks/gemma3-control/tasks.json && refs+=(control=results/tasks/gemma3-control/tasks.json)
+have results/tasks/gemma3-long-control/tasks.json && refs+=("long control=results/tasks/gemma3-long-control/tasks.json")
+
+rows=("base model (dense)=$base" "${baselines[@]}")
+add "control (2k, dense)" results/tasks/gemma3-control/tasks.json
+add "SP-KV adapter (2k) weights, dense" results/tasks/gemma3-spkv/tasks.json
+add "SP-KV 25% (2k adapter)" results/tasks/gemma3-spkv/tasks.json:spkv
+add "long control (4k + synthetic, dense)" results/tasks/gemma3-long-control/tasks.json
+add "long SP-KV adapter weights, dense" results/tasks/gemma3-long-spkv/tasks.json
+add "long SP-KV 25%" results/tasks/gemma3-long-spkv/tasks.json:spkv
+.venv/bin/spkv eval tasks-compare --rows "${rows[@]}" --reference "${refs[@]}" --versus "$best" \
+    --out results/tasks/compare-long
+
+rows=("base model (dense)=$base" "${baselines[@]}")
+add "control (2k, dense)" results/tasks/gemma3-control/tasks.json
+add "SP-KV joint 25% (2k adapter)" results/tasks/gemma3-spkv/tasks.json:spkv
+joint=${#rows[@]}
+add "SP-KV gate, LLM frozen" results/tasks/gemma3-lkv/wg-frozen-hardened/tasks.json:spkv
+add "LKV, LLM frozen" results/tasks/gemma3-lkv/lkv-frozen-hardened/tasks.json:lkv
+add "LKV, uniform budgets" results/tasks/gemma3-lkv/lkv-uniform-hardened/tasks.json:lkv
+add "LKV, LoRA" results/tasks/gemma3-lkv/lkv-lora-hardened/tasks.json:lkv
+[ ${#rows[@]} -gt $joint ] || { echo "no learned-system task runs yet: compare-learned skipped"; exit 0; }
+.venv/bin/spkv eval tasks-compare --rows "${rows[@]}" --reference "${refs[@]}" --versus "$best" \
+    --out results/tasks/compare-learned
