@@ -5,7 +5,7 @@
 # weights, for every adapter that exists: the joint SP-KV adapter of the frozen runs' token count
 # (164k), and adapters/lkv/* of scripts/train_lkv.sh. Resumable (--resume reuses finished rows
 # of the same table: a finished run only adds rows). Then the density analysis
-# (scripts/analyze_smollm2.sh; ANALYZE=0 skips it). THREADS (default: torch's) sets the torch threads.
+# (scripts/analyze.sh; ANALYZE=0 skips it). THREADS (default: torch's) sets the torch threads.
 # Needs `spkv data` first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,4 +33,4 @@ lora="LKV + LoRA, 4 sinks, hardened"
 [ -f adapters/lkv/smollm2-135m-lkv-lora-hardened/adapter_config.json ] && \
   .venv/bin/python scripts/paired_rows.py results/eval/smollm2/matched.json "$lora" "SP-KV joint, 164k tokens" "$lora" kvzap \
       "$lora" "LKV, LLM frozen, 4 sinks, hardened"
-if [ "${ANALYZE:-1}" = 1 ]; then bash scripts/analyze_smollm2.sh; fi
+if [ "${ANALYZE:-1}" = 1 ]; then REDO=1 bash scripts/analyze.sh; fi

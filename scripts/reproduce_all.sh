@@ -42,7 +42,7 @@ run_step() {
     eval_matched) ANALYZE=0 bash scripts/eval_matched_smollm2.sh ;;
     train_lkv) RUNS="lkv-frozen-hardened wg-frozen-hardened lkv-uniform-hardened" bash scripts/train_lkv.sh ;;
     eval_frozen) bash scripts/eval_frozen_smollm2.sh ;;
-    analyze) bash scripts/analyze_smollm2.sh ;;
+    analyze) REDO=1 bash scripts/analyze.sh ;;
     hybrids)
       bash scripts/train_hybrids_smollm2.sh
       bash scripts/hybrid_smollm2.sh ;;
