@@ -122,11 +122,15 @@ def analysis_markdown(result: dict[str, Any]) -> str:
 
 
 def heatmaps(grids: dict[str, list[list[float]]], layers: list[int], path: Path) -> Path:
-    """One layer x KV head panel per grid (title -> [layers, Hkv] fractions), side by side, in %."""
+    """One layer x KV head panel per grid (title -> [layers, Hkv] fractions), side by side, in %.
+    Small grids (e.g. Gemma3's 3 full layers x 1 head) get their values written in the cells."""
+    import textwrap
+
     plt = pyplot()
     tensors = {title: torch.tensor(g) for title, g in grids.items()}
     hkv = next(iter(tensors.values())).shape[1]
-    fig, axes = plt.subplots(1, len(tensors), figsize=(0.4 + (1.2 + 0.6 * hkv) * len(tensors), 0.8 + 0.22 * len(layers)),
+    panel = max(2.6, 1.2 + 0.6 * hkv)  # wide enough for a wrapped title
+    fig, axes = plt.subplots(1, len(tensors), figsize=(0.4 + panel * len(tensors), max(2.4, 1.1 + 0.22 * len(layers))),
                              squeeze=False)
     for ax, (title, grid) in zip(axes[0], tensors.items()):
         im = ax.imshow((grid * 100).numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=100)
@@ -134,8 +138,12 @@ def heatmaps(grids: dict[str, list[list[float]]], layers: list[int], path: Path)
         ax.set_ylabel("layer")
         ax.set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=7)
         ax.set_xticks(range(grid.shape[1]))
-        ax.set_title(title, fontsize=8)
+        ax.set_title("\n".join(textwrap.wrap(title, 30)), fontsize=8)
+        if grid.numel() <= 40:
+            for (i, j), v in zip(((i, j) for i in range(grid.shape[0]) for j in range(grid.shape[1])), grid.flatten().tolist()):
+                ax.text(j, i, f"{100 * v:.1f}", ha="center", va="center", fontsize=8, color="white" if v < 0.6 else "black")
         fig.colorbar(im, ax=ax)
+    fig.tight_layout()
     path = save_figure(fig, path)
     plt.close(fig)
     return path
