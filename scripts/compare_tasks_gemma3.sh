@@ -45,5 +45,5 @@ add "LKV, LLM frozen" results/tasks/gemma3-lkv/lkv-frozen-hardened/tasks.json:lk
 add "LKV, uniform budgets" results/tasks/gemma3-lkv/lkv-uniform-hardened/tasks.json:lkv
 add "LKV, LoRA" results/tasks/gemma3-lkv/lkv-lora-hardened/tasks.json:lkv
 [ ${#rows[@]} -gt $joint ] || { echo "no learned-system task runs yet: compare-learned skipped"; exit 0; }
-.venv/bin/spkv eval tasks-compare --rows "${rows[@]}" --reference "${refs[@]}" --versus "$best" \
+.venv/bin/spkv eval tasks-compare --rows "${rows[@]}" --reference "${refs[@]:0:2}" --versus "$best" \
     --out results/tasks/compare-learned

@@ -263,4 +263,4 @@ def _points(figure: dict[str, Any] | None) -> str:
     if figure is None:
         return ""
     lo, hi = figure["ci"]
-    return f"{100 * figure['mean']:+.1f} [{100 * lo:+.0f}, {100 * hi:+.0f}]"
+    return f"{100 * figure['mean']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"  # 1 decimal: an end near 0 keeps its sign
