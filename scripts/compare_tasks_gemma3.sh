@@ -6,7 +6,9 @@
 #       retention vs the base model and vs each control, per length; paired differences from the best
 #       post-hoc baseline (the highest mean over all cells of the base run).
 #   results/tasks/compare-learned  issue 17: the learned systems (SP-KV joint, the frozen-LLM write
-#       gate, LKV frozen / uniform budgets / LoRA) beside the baselines, vs the base model and control.
+#       gate, LKV frozen / uniform budgets / LoRA) beside the baselines, vs the base model and control;
+#       paired differences from the best baseline, from frozen LKV (learned vs uniform budgets, frozen
+#       vs LoRA) and from joint SP-KV (the write gate frozen vs co-trained).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 base=results/tasks/gemma3/tasks.json
@@ -45,5 +47,9 @@ add "LKV, LLM frozen" results/tasks/gemma3-lkv/lkv-frozen-hardened/tasks.json:lk
 add "LKV, uniform budgets" results/tasks/gemma3-lkv/lkv-uniform-hardened/tasks.json:lkv
 add "LKV, LoRA" results/tasks/gemma3-lkv/lkv-lora-hardened/tasks.json:lkv
 [ ${#rows[@]} -gt $joint ] || { echo "no learned-system task runs yet: compare-learned skipped"; exit 0; }
-.venv/bin/spkv eval tasks-compare --rows "${rows[@]}" --reference "${refs[@]:0:2}" --versus "$best" \
+versus=("$best")
+for row in "LKV, LLM frozen" "SP-KV joint 25% (2k adapter)"; do
+  [[ " ${rows[*]} " == *" $row="* ]] && versus+=("$row")
+done
+.venv/bin/spkv eval tasks-compare --rows "${rows[@]}" --reference "${refs[@]:0:2}" --versus "${versus[@]}" \
     --out results/tasks/compare-learned

@@ -361,15 +361,19 @@ def test_comparison_table_across_runs_matches_brute_force(tmp_path):
     # per length: hybrid keeps all at 8 (1.0 vs the control's 0.75) and nothing at 16
     assert by["hybrid"]["retention_by_length"]["control"]["8"]["ratio"] == pytest.approx(4.0 / 3.0)
     assert by["hybrid"]["retention_by_length"]["control"]["16"]["ratio"] == 0.0
-    versus = report.comparison(rows, {}, versus="control")
-    diff = {r["name"]: r["difference"] for r in versus["rows"]}
+    versus = report.comparison(rows, {}, versus=["control", "SP-KV"])
+    diff = {r["name"]: r["difference"]["control"] for r in versus["rows"]}
     assert diff["hybrid"]["8"]["mean"] == pytest.approx(0.25) and diff["hybrid"]["16"]["mean"] == pytest.approx(-0.75)
     assert diff["hybrid"]["all"]["mean"] == pytest.approx(-0.25) and diff["control"]["all"]["mean"] == 0.0
     lo, hi = diff["hybrid"]["16"]["ci"]  # every pair differs by -1 or -0.5: the interval stays below 0
     assert -1.0 <= lo <= hi < 0
-    assert "| hybrid | +25.0 [" in report.comparison_markdown(versus)
-    with pytest.raises(ValueError, match="not one of the rows"):
-        report.comparison(rows, {}, versus="nobody")
+    hybrid_vs_spkv = next(r for r in versus["rows"] if r["name"] == "hybrid")["difference"]["SP-KV"]
+    assert hybrid_vs_spkv["8"]["mean"] == pytest.approx(0.5) and hybrid_vs_spkv["16"]["mean"] == pytest.approx(-0.5)
+    text = report.comparison_markdown(versus)
+    assert "Difference from control" in text and "Difference from SP-KV" in text
+    assert "| hybrid | +25.0 [" in text
+    with pytest.raises(ValueError, match="'nobody' is not one of the rows"):
+        report.comparison(rows, {}, versus=["control", "nobody"])
     other = {**rows, "seed 1": (_fake_result(hybrid, seed=1), hybrid)}
     with pytest.raises(ValueError, match="other task settings"):
         report.comparison(other, {})

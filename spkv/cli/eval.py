@@ -329,8 +329,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                      help="a row for a system that is one of these rows drawn uniformly at random (its expected score "
                           "per sample), e.g. a random global layer when the rows are every possible layout")
     etc.add_argument("--reference", nargs="+", metavar="NAME=FILE[:LABEL]", help="retention against these (as for spkv eval tasks)")
-    etc.add_argument("--versus", metavar="NAME", help="a row (e.g. the best baseline) every other row's paired score "
-                     "difference is measured from, per length, with its interval")
+    etc.add_argument("--versus", nargs="+", metavar="NAME", help="rows (e.g. the best baseline, an ablation's reference) "
+                     "every other row's paired score difference is measured from, per length, with its interval")
     etc.add_argument("--out", required=True, help="folder for compare.json and compare.md")
     etc.set_defaults(func=cmd_eval_tasks_compare)
     el = esub.add_parser("lm-eval", help="lm-evaluation-harness tasks on the SP-KV model (needs the tasks' datasets)")

@@ -177,19 +177,21 @@ def _figure(value: tuple[float, tuple[float, float]] | None, key: str) -> dict[s
 
 def comparison(rows: dict[str, tuple[dict[str, Any], dict[str, Any]]],
                references: dict[str, tuple[dict[str, Any], dict[str, Any]]],
-               versus: str | None = None) -> dict[str, Any]:
+               versus: list[str] | None = None) -> dict[str, Any]:
     """One figure set per system, for a table across runs (e.g. the dense control, SP-KV and each
     hybrid layout, each from its own `spkv eval tasks` run): per length and over all cells, the mean
     score with its bootstrap interval over the samples every row has (runs grown to different sample
     counts are compared on the same prompts); the mean density; retention vs each reference run on
-    the samples both have, over all cells and per length; with `versus` (a row's name), each row's
-    paired difference from that row per length. rows and references: name -> (the run's result, one
-    of its method runs)."""
+    the samples both have, over all cells and per length; with `versus` (rows' names, e.g. the best
+    baseline, or the system an ablation changes), each row's paired difference from each of them per
+    length. rows and references: name -> (the run's result, one of its method runs)."""
     results = [result for result, _ in [*rows.values(), *references.values()]]
     for (name, (result, _)) in [*rows.items(), *references.items()]:
         check_comparable(result, results[0], name)
-    if versus is not None and versus not in rows:
-        raise ValueError(f"versus {versus!r} is not one of the rows ({', '.join(rows)})")
+    versus = list(versus or [])
+    unknown = [v for v in versus if v not in rows]
+    if unknown:
+        raise ValueError(f"versus {', '.join(map(repr, unknown))} is not one of the rows ({', '.join(rows)})")
     lengths = sorted({n for result, _ in rows.values() for n in result["lengths"]})
     common = set.intersection(*(set(sample_scores(run)) for _, run in rows.values()))
     out = []
@@ -202,9 +204,8 @@ def comparison(rows: dict[str, tuple[dict[str, Any], dict[str, Any]]],
         for ref, (_, ref_run) in references.items():
             row["retention"][ref] = _figure(retention(run, ref_run, "all"), "ratio")
             row["retention_by_length"][ref] = {str(n): _figure(retention(run, ref_run, n), "ratio") for n in lengths}
-        if versus is not None:
-            row["difference"] = {str(n): _figure(difference(run, rows[versus][1], common, n), "mean")
-                                 for n in [*lengths, "all"]}
+        row["difference"] = {v: {str(n): _figure(difference(run, rows[v][1], common, n), "mean")
+                                 for n in [*lengths, "all"]} for v in versus}
         out.append(row)
     return {"lengths": lengths, "references": list(references), "versus": versus, "rows": out}
 
@@ -226,7 +227,7 @@ def mean_run(runs: list[dict[str, Any]], label: str) -> dict[str, Any]:
 def comparison_markdown(table: dict[str, Any]) -> str:
     """The comparison as markdown: mean score [95% interval] per length and over all cells, density,
     retention over all cells vs each reference; then retention per length vs each reference, and the
-    paired difference from the `versus` row, when there is one."""
+    paired difference from each `versus` row."""
     lengths, refs = table["lengths"], table["references"]
     head = ["system", *map(str, lengths), "all", "density", *(f"retention vs {r}" for r in refs)]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -243,14 +244,13 @@ def comparison_markdown(table: dict[str, Any]) -> str:
             by = row.get("retention_by_length", {}).get(ref, {})
             lines.append("| " + " | ".join([row["name"], *(_retention_text(_pair(by.get(str(n)), "ratio"))
                                                            for n in lengths)]) + " |")
-    versus = table.get("versus")
-    if versus:
+    for versus in table.get("versus", []):
         lines += ["", f"Difference from {versus} (score points, paired over the samples every row has; an interval "
                   "that excludes 0 is a real difference):", "",
                   "| system | " + " | ".join(map(str, [*lengths, "all"])) + " |", "|" + " --- |" * (len(lengths) + 2)]
         for row in table["rows"]:
             if row["name"] != versus:
-                lines.append("| " + " | ".join([row["name"], *(_points(row["difference"][str(n)])
+                lines.append("| " + " | ".join([row["name"], *(_points(row["difference"][versus][str(n)])
                                                                for n in [*lengths, "all"])]) + " |")
     return "\n".join(lines) + "\n"
 
