@@ -12,6 +12,10 @@
 #                (--harden-fraction 0.5: the hard mask mixed in while the gates train): a frozen LLM
 #                adapts to nothing, so the gates must learn under the mask they deploy with; for
 #                lkv-lora it keeps the recipe equal to lkv-frozen-hardened but for the LoRA
+#   NAME-long    (any of the above, e.g. wg-frozen-hardened-long) the same tokens as 40 sequences of
+#                4096 with a quarter turned into synthetic long-range tasks (the data mix of
+#                train_gemma3_long.sh), activation checkpointing and the loss in 512-position chunks
+#                (--loss-chunk: Gemma3's 262k-token logits and the teacher's would not fit otherwise)
 # Precision follows the hardware (bf16 where native, else fp32). Resumable. THREADS (default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +27,7 @@ common=(--model $model --seq-len 2048 --batch-size 1 --max-tokens 163840 --check
 lkv=(--method lkv --budget $budget --hard-fraction 0)
 args() {
   case $1 in
+    *-long) echo "$(args "${1%-long}") --seq-len 4096 --synthetic-fraction 0.25 --activation-checkpointing --loss-chunk 512" ;;
     *-hardened) echo "$(args "${1%-hardened}") --sinks 4 --harden-fraction 0.5" ;;
     lkv-frozen) echo "${lkv[@]} --train-llm none" ;;
     lkv-uniform) echo "${lkv[@]} --train-llm none --uniform-budgets" ;;

@@ -24,7 +24,7 @@ from spkv.train.config import TrainConfig, bf16_is_fast
 from spkv.train.loop import build_model, export_adapter, train
 from spkv.train.schedule import HARDEN_ALPHA, density_penalty, density_target_at, lr_factor, phase_at, soft_end, temperature_at
 
-from .tiny_models import save_tiny_pretrained
+from .tiny_models import randomize_gates, save_tiny_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -384,3 +384,46 @@ def test_long_sequence_mix_run_end_to_end(tiny_setup, tmp_path):
     sha = {name: json.loads((tmp_path / name / "train_config.json").read_text())["packed_data_sha256"]
            for name in ("mix", "control", "other")}
     assert sha["mix"] == sha["control"] != sha["other"] and len(sha["mix"]) == 64
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_chunked_loss_equals_the_whole_sequence_loss_and_gradients(family, tmp_path):
+    """--loss-chunk: the same CE, distillation KL and gradients as the whole-sequence logits (Gemma's
+    logit soft-capping included), with chunks that do not divide the sequence."""
+    from spkv.train.loop import step_loss
+
+    extra = {"final_logit_softcapping": 5.0} if family == "gemma3" else {}
+    path = save_tiny_pretrained(tmp_path / family, family=family, **extra)
+    ids = torch.randint(3, 60, (1, 40), generator=torch.Generator().manual_seed(0))
+    results = []
+    for chunk in (0, 7):
+        cfg = TrainConfig(model=str(path), out=str(tmp_path / f"run{chunk}"), seq_len=40, batch_size=1, max_tokens=40,
+                          window=8, predictor_hidden=8, density_target=0.3, density_weight=1.0, distill_weight=1.0,
+                          loss_chunk=chunk, train_llm="all", bf16=False)
+        model, _, _, teacher = build_model(cfg)
+        randomize_gates(model)  # gates that drop pairs, so the student differs from its teacher
+        loss, stats = step_loss(cfg, model, teacher, ids, 0)
+        loss.backward()
+        results.append((loss.detach(), stats, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, stats_a, grads_a), (loss_b, stats_b, grads_b) = results
+    assert stats_a["kl"] > 1e-5  # ~1e-8 with untouched gates: a KL near 0 would compare nothing
+    assert torch.allclose(loss_a, loss_b, atol=1e-5)
+    assert stats_a["ce"] == pytest.approx(stats_b["ce"], abs=1e-5) and stats_a["kl"] == pytest.approx(stats_b["kl"], rel=1e-4)
+    assert grads_a.keys() == grads_b.keys() and any("spkv_predictor" in n for n in grads_a)
+    assert any("lm_head" in n or "embed_tokens" in n for n in grads_a)  # the head's gradient flows through the chunks
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5), name
+
+
+def test_chunked_loss_refuses_a_head_it_cannot_reproduce(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from spkv.train.chunked_loss import chunked_loss
+
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_pretrained(tmp_path / "llama"))
+    model.config.final_logit_softcapping = 0.01  # the forward ignores it; the chunked head would apply it
+    ids = torch.randint(3, 60, (1, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="cannot reproduce"):
+        chunked_loss(model, model, ids, 4)
+    with pytest.raises(ValueError, match="loss_chunk"):
+        TrainConfig(model="x", out=str(tmp_path), loss_chunk=-1)

@@ -96,6 +96,9 @@ class TrainConfig:
                                           "asked at the end; spkv.data.synthetic), in [0, 1)")
     activation_checkpointing: bool = _opt(False, "recompute each layer's activations in backward: much less memory for long "
                                                  "--seq-len, at the cost of a second forward per layer")
+    loss_chunk: int = _opt(0, "compute the LM head, cross-entropy and distillation KL over this many positions at a "
+                              "time, recomputed in backward (0: the whole sequence at once): memory for a large "
+                              "vocabulary at long --seq-len (Gemma3's logits are 4.3 GB per copy at 4k)")
     seed: int = _opt(0, "data order and initialisation")
     checkpoint_every: int = _opt(25, "steps between atomic checkpoints")
     delta_rank: int | None = _opt(None, "train_llm=all: store weight changes as rank-r SVD (lossy) in the adapter")
@@ -105,6 +108,8 @@ class TrainConfig:
             self.bf16 = bf16_is_fast()
         if self.train_llm not in TRAIN_LLM:
             raise ValueError(f"TrainConfig.train_llm must be one of {TRAIN_LLM}, got {self.train_llm!r}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"TrainConfig.loss_chunk must be >= 0 (0: the whole sequence at once), got {self.loss_chunk}")
         if not 0.0 <= self.hard_fraction < 1.0:
             raise ValueError(f"TrainConfig.hard_fraction must be in [0, 1), got {self.hard_fraction}")
         if self.sinks < 0:

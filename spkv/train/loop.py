@@ -35,6 +35,7 @@ from spkv.data.synthetic import is_synthetic, synthetic_sequence
 from spkv.density import gate_density, mean_density
 from spkv.lkv import scorers
 from spkv.results import atomic_write, atomic_write_text
+from spkv.train.chunked_loss import chunked_loss
 from spkv.train.config import LORA_TARGETS, TrainConfig
 from spkv.train.schedule import density_penalty, density_target_at, lr_factor, phase_at, soft_end, temperature_at
 
@@ -196,10 +197,19 @@ def load_checkpoint(path: Path, model, optimizer, cfg: TrainConfig) -> int:
 
 def step_loss(cfg: TrainConfig, model, teacher, input_ids: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one micro-batch and its logged numbers (density at tau from the gates used)."""
-    core = _core(model)
+    core, kl = _core(model), None
     with record_gates(core) if not cfg.control else nullcontext({}) as gates:
-        out = model(input_ids=input_ids, labels=input_ids, use_cache=False)
-    loss, stats = out.loss, {"ce": out.loss.item()}
+        if cfg.loss_chunk:
+            loss, kl = chunked_loss(model, core, input_ids, cfg.loss_chunk, teacher)
+        else:
+            out = model(input_ids=input_ids, labels=input_ids, use_cache=False)
+            loss = out.loss
+            if teacher is not None:
+                with torch.no_grad():
+                    target = F.log_softmax(teacher(input_ids=input_ids, use_cache=False).logits.float(), dim=-1)
+                kl = F.kl_div(F.log_softmax(out.logits.float(), dim=-1), target, log_target=True,
+                              reduction="batchmean") / input_ids.shape[1]
+    stats = {"ce": loss.item()}
     if cfg.method == "lkv":
         stats["temperature"] = core.spkv_config.lkv.temperature
     if gates:
@@ -210,10 +220,7 @@ def step_loss(cfg: TrainConfig, model, teacher, input_ids: torch.Tensor, step: i
             soft_density = mean_density(soft_kept, soft_counted)
             loss = loss + density_penalty(cfg, soft_density, step)
             stats["soft_density"], stats["density_target"] = float(soft_density.detach()), density_target_at(cfg, step)
-    if teacher is not None:
-        with torch.no_grad():
-            target = F.log_softmax(teacher(input_ids=input_ids, use_cache=False).logits.float(), dim=-1)
-        kl = F.kl_div(F.log_softmax(out.logits.float(), dim=-1), target, log_target=True, reduction="batchmean") / input_ids.shape[1]
+    if kl is not None:
         loss = loss + cfg.distill_weight * kl
         stats["kl"] = float(kl.detach())
     return loss, stats
