@@ -2,7 +2,8 @@
 # The Gemma3-270M task-suite comparisons, from the runs of scripts/eval_tasks_gemma3.sh (rows whose
 # run does not exist yet are left out; rows are compared on the samples they all have):
 #   results/tasks/compare-long     issue 16: the untouched model and its post-hoc baselines, the 2k
-#       adapter pair and the long-context pair (dense control, adapted weights dense, SP-KV at 25%);
+#       adapter pair and the long-context pair (dense control, adapted weights dense, SP-KV at 25%),
+#       and the write gates trained with the LLM frozen (the base model's weights, gated);
 #       retention vs the base model and vs each control, per length; paired differences from the best
 #       post-hoc baseline (the highest mean over all cells of the base run).
 #   results/tasks/compare-learned  issue 17: the learned systems (SP-KV joint, the frozen-LLM write
@@ -35,6 +36,8 @@ add "SP-KV 25% (2k adapter)" results/tasks/gemma3-spkv/tasks.json:spkv
 add "long control (4k + synthetic, dense)" results/tasks/gemma3-long-control/tasks.json
 add "long SP-KV adapter weights, dense" results/tasks/gemma3-long-spkv/tasks.json
 add "long SP-KV 25%" results/tasks/gemma3-long-spkv/tasks.json:spkv
+add "write gate, LLM frozen (2k prose)" results/tasks/gemma3-lkv/wg-frozen-hardened/tasks.json:spkv
+add "write gate, LLM frozen (4k + synthetic)" results/tasks/gemma3-lkv/wg-frozen-hardened-long/tasks.json:spkv
 .venv/bin/spkv eval tasks-compare --rows "${rows[@]}" --reference "${refs[@]}" --versus "$best" \
     --out results/tasks/compare-long
 
