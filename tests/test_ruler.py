@@ -372,6 +372,11 @@ def test_comparison_table_across_runs_matches_brute_force(tmp_path):
     text = report.comparison_markdown(versus)
     assert "Difference from control" in text and "Difference from SP-KV" in text
     assert "| hybrid | +25.0 [" in text
+    # a pair of rows is compared on every sample both have, even one a third row lacks
+    zero = _fake_run("dense", "zero", {**{k: 0.0 for k in keys}, **extra}, 1.0)
+    zero["samples"][-1]["score"] = 0.0
+    mean, (lo, hi) = report.difference(spkv_run, zero)
+    assert mean == pytest.approx((8 * 0.5 + 1.0) / 9) and lo <= mean <= hi
     with pytest.raises(ValueError, match="'nobody' is not one of the rows"):
         report.comparison(rows, {}, versus=["control", "nobody"])
     other = {**rows, "seed 1": (_fake_result(hybrid, seed=1), hybrid)}

@@ -154,13 +154,13 @@ def _run_density(run: dict[str, Any]) -> float | None:
     return _mean([c["density"] for c in run["cells"] if c["density"] is not None])
 
 
-def difference(run: dict[str, Any], other: dict[str, Any], keys: set[Key], length: int | str = "all"
+def difference(run: dict[str, Any], other: dict[str, Any], length: int | str = "all"
                ) -> tuple[float, tuple[float, float]] | None:
-    """Mean score of `run` minus `other`'s on the same samples (those in `keys` at this length), with
-    a paired bootstrap 95% interval: whether one system beats another, not just whether their
-    separate intervals overlap."""
+    """Mean score of `run` minus `other`'s on the samples both have at this length, with a paired
+    bootstrap 95% interval: whether one system beats another, not just whether their separate
+    intervals overlap."""
     a, b = sample_scores(run, length), sample_scores(other, length)
-    shared = sorted(k for k in set(a) & set(b) if k in keys)
+    shared = sorted(set(a) & set(b))
     if not shared:
         return None
     ours, theirs = [a[k] for k in shared], [b[k] for k in shared]
@@ -184,7 +184,7 @@ def comparison(rows: dict[str, tuple[dict[str, Any], dict[str, Any]]],
     counts are compared on the same prompts); the mean density; retention vs each reference run on
     the samples both have, over all cells and per length; with `versus` (rows' names, e.g. the best
     baseline, or the system an ablation changes), each row's paired difference from each of them per
-    length. rows and references: name -> (the run's result, one of its method runs)."""
+    length, on the samples the two rows both have. rows and references: name -> (the run's result, one of its method runs)."""
     results = [result for result, _ in [*rows.values(), *references.values()]]
     for (name, (result, _)) in [*rows.items(), *references.items()]:
         check_comparable(result, results[0], name)
@@ -204,7 +204,7 @@ def comparison(rows: dict[str, tuple[dict[str, Any], dict[str, Any]]],
         for ref, (_, ref_run) in references.items():
             row["retention"][ref] = _figure(retention(run, ref_run, "all"), "ratio")
             row["retention_by_length"][ref] = {str(n): _figure(retention(run, ref_run, n), "ratio") for n in lengths}
-        row["difference"] = {v: {str(n): _figure(difference(run, rows[v][1], common, n), "mean")
+        row["difference"] = {v: {str(n): _figure(difference(run, rows[v][1], n), "mean")
                                  for n in [*lengths, "all"]} for v in versus}
         out.append(row)
     return {"lengths": lengths, "references": list(references), "versus": versus, "rows": out}
@@ -245,7 +245,7 @@ def comparison_markdown(table: dict[str, Any]) -> str:
             lines.append("| " + " | ".join([row["name"], *(_retention_text(_pair(by.get(str(n)), "ratio"))
                                                            for n in lengths)]) + " |")
     for versus in table.get("versus", []):
-        lines += ["", f"Difference from {versus} (score points, paired over the samples every row has; an interval "
+        lines += ["", f"Difference from {versus} (score points, paired over the samples both rows have; an interval "
                   "that excludes 0 is a real difference):", "",
                   "| system | " + " | ".join(map(str, [*lengths, "all"])) + " |", "|" + " --- |" * (len(lengths) + 2)]
         for row in table["rows"]:
