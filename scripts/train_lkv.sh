@@ -17,6 +17,7 @@
 #                train_gemma3_long.sh), activation checkpointing and the loss in 512-position chunks
 #                (--loss-chunk: Gemma3's 262k-token logits and the teacher's would not fit otherwise)
 # Precision follows the hardware (bf16 where native, else fp32). Resumable. THREADS (default 1).
+# Needs `spkv data` first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${THREADS:-1}
