@@ -15,7 +15,8 @@
 #   NAME-long    (any of the above, e.g. wg-frozen-hardened-long) the same tokens as 40 sequences of
 #                4096 with a quarter turned into synthetic long-range tasks (the data mix of
 #                train_gemma3_long.sh), activation checkpointing and the loss in 512-position chunks
-#                (--loss-chunk: Gemma3's 262k-token logits and the teacher's would not fit otherwise)
+#                (--loss-chunk: Gemma3's 262k-token logits and the teacher's would not fit otherwise),
+#                checkpointed every 2 steps (a step is minutes)
 # Precision follows the hardware (bf16 where native, else fp32). Resumable. THREADS (default 1).
 # Needs `spkv data` first.
 set -euo pipefail
@@ -28,7 +29,7 @@ common=(--model $model --seq-len 2048 --batch-size 1 --max-tokens 163840 --check
 lkv=(--method lkv --budget $budget --hard-fraction 0)
 args() {
   case $1 in
-    *-long) echo "$(args "${1%-long}") --seq-len 4096 --synthetic-fraction 0.25 --activation-checkpointing --loss-chunk 512" ;;
+    *-long) echo "$(args "${1%-long}") --seq-len 4096 --synthetic-fraction 0.25 --activation-checkpointing --loss-chunk 512 --checkpoint-every 2" ;;
     *-hardened) echo "$(args "${1%-hardened}") --sinks 4 --harden-fraction 0.5" ;;
     lkv-frozen) echo "${lkv[@]} --train-llm none" ;;
     lkv-uniform) echo "${lkv[@]} --train-llm none --uniform-budgets" ;;
@@ -37,12 +38,15 @@ args() {
     *) echo "unknown run '$1' (see the header of $0)" >&2; return 1 ;;
   esac
 }
+precision_of() {  # a resumed run keeps the precision it started with, whatever this machine's default
+  .venv/bin/python -c "import json, sys; print('--bf16' if json.load(open(sys.argv[1]))['bf16'] else '--no-bf16')" $1/train_config.json
+}
 for name in ${RUNS:-lkv-frozen wg-frozen}; do
   out=runs/lkv/$model-$name dest=adapters/lkv/$model-$name
   extra=$(args $name)
   if [ ! -f $out/adapter/adapter_config.json ]; then
     # shellcheck disable=SC2086
-    .venv/bin/spkv train "${common[@]}" $extra --out $out $([ -f $out/checkpoint.pt ] && echo --resume)
+    .venv/bin/spkv train "${common[@]}" $extra --out $out $([ -f $out/checkpoint.pt ] && echo --resume $(precision_of $out))
   fi
   mkdir -p $dest && cp $out/adapter/* $out/log.jsonl $out/train_config.json $dest/
 done
