@@ -408,7 +408,9 @@ def test_chunked_loss_equals_the_whole_sequence_loss_and_gradients(family, train
     (loss_a, stats_a, grads_a), (loss_b, stats_b, grads_b) = results
     assert stats_a["kl"] > 1e-5  # ~1e-8 with untouched gates: a KL near 0 would compare nothing
     assert torch.allclose(loss_a, loss_b, atol=1e-5)
-    assert stats_a["ce"] == pytest.approx(stats_b["ce"], abs=1e-5) and stats_a["kl"] == pytest.approx(stats_b["kl"], rel=1e-4)
+    # the KL (~4e-5 here) is a small difference of large terms: matmuls over other row counts round
+    # differently and move it by ~1e-4 of itself on some BLAS builds
+    assert stats_a["ce"] == pytest.approx(stats_b["ce"], abs=1e-5) and stats_a["kl"] == pytest.approx(stats_b["kl"], rel=1e-3)
     assert grads_a.keys() == grads_b.keys() and any("spkv_predictor" in n for n in grads_a)
     if train_llm == "all":
         assert any("lm_head" in n or "embed_tokens" in n for n in grads_a)  # the head's gradient flows through the chunks

@@ -97,7 +97,7 @@ class TrainConfig:
     activation_checkpointing: bool = _opt(False, "recompute each layer's activations in backward: much less memory for long "
                                                  "--seq-len, at the cost of a second forward per layer")
     loss_chunk: int = _opt(0, "compute the LM head, cross-entropy and distillation KL over this many positions at a "
-                              "time, recomputed in backward (0: the whole sequence at once): memory for a large "
+                              "time, their gradient taken on the way (0: the whole sequence at once): memory for a large "
                               "vocabulary at long --seq-len (Gemma3's logits are 4.3 GB per copy at 4k)")
     seed: int = _opt(0, "data order and initialisation")
     checkpoint_every: int = _opt(25, "steps between atomic checkpoints")

@@ -199,17 +199,18 @@ def step_loss(cfg: TrainConfig, model, teacher, input_ids: torch.Tensor, step: i
     """Loss of one micro-batch and its logged numbers (density at tau from the gates used)."""
     core, kl = _core(model), None
     with record_gates(core) if not cfg.control else nullcontext({}) as gates:
-        if cfg.loss_chunk:
-            loss, kl = chunked_loss(model, core, input_ids, cfg.loss_chunk, teacher)
+        if cfg.loss_chunk:  # loss = ce + distill_weight * kl
+            loss, ce, kl = chunked_loss(model, core, input_ids, cfg.loss_chunk, teacher, cfg.distill_weight)
         else:
             out = model(input_ids=input_ids, labels=input_ids, use_cache=False)
-            loss = out.loss
+            loss = ce = out.loss
             if teacher is not None:
                 with torch.no_grad():
                     target = F.log_softmax(teacher(input_ids=input_ids, use_cache=False).logits.float(), dim=-1)
                 kl = F.kl_div(F.log_softmax(out.logits.float(), dim=-1), target, log_target=True,
                               reduction="batchmean") / input_ids.shape[1]
-    stats = {"ce": loss.item()}
+                loss = loss + cfg.distill_weight * kl
+    stats = {"ce": ce.item()}
     if cfg.method == "lkv":
         stats["temperature"] = core.spkv_config.lkv.temperature
     if gates:
@@ -221,7 +222,6 @@ def step_loss(cfg: TrainConfig, model, teacher, input_ids: torch.Tensor, step: i
             loss = loss + density_penalty(cfg, soft_density, step)
             stats["soft_density"], stats["density_target"] = float(soft_density.detach()), density_target_at(cfg, step)
     if kl is not None:
-        loss = loss + cfg.distill_weight * kl
         stats["kl"] = float(kl.detach())
     return loss, stats
 
