@@ -129,13 +129,17 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_setup, tmp_p
     assert torch.load(tmp_path / "interrupted" / "checkpoint.pt", weights_only=False)["step"] == 3
     with pytest.raises(FileExistsError, match="--resume"):
         train(interrupted)
+    log_path = tmp_path / "interrupted" / "log.jsonl"
+    with open(log_path, "a") as f:  # a run killed after logging a step it had not checkpointed
+        f.write(json.dumps({"step": 4, "killed": True}) + "\n")
     train(interrupted, resume=True)
     a, b = trained_state(tmp_path / "straight"), trained_state(tmp_path / "interrupted")
     assert a.keys() == b.keys() and any("spkv_predictor" in k for k in a)
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6), name
-    log = (tmp_path / "interrupted" / "log.jsonl").read_text().splitlines()
-    assert len(log) == 6 and '"phase": "hard"' in log[-1]
+    log = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2, 3, 4, 5, 6] and log[-1]["phase"] == "hard"
+    assert not any("killed" in entry for entry in log)  # the resumed run logs step 4 once, its own
     with pytest.raises(ValueError, match="different settings"):
         train(tiny_config(tiny_setup, tmp_path / "interrupted", lr=5e-4), resume=True)
 

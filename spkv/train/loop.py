@@ -247,6 +247,9 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     start = 0
     if resume and ckpt.exists():
         start = load_checkpoint(ckpt, model, optimizer, cfg)
+        if accel.is_main_process and log_path.exists():  # steps logged after the checkpoint are run again
+            kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+            atomic_write_text(log_path, "".join(line + "\n" for line in kept))
     elif not resume and ckpt.exists():
         raise FileExistsError(f"{ckpt} exists: pass --resume to continue it, or choose another --out.")
     model, optimizer = accel.prepare(model, optimizer)
