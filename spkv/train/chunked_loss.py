@@ -71,7 +71,7 @@ class _HeadLoss(torch.autograd.Function):
     hidden states (and the head's weight, when it trains) computed on the way."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, cap, labels, teacher_hidden, teacher_weight, chunk, ce_scale, kl_scale):
+    def forward(ctx, hidden, weight, cap, labels, teacher_hidden, teacher_head, chunk, ce_scale, kl_scale):
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         ce_sum, kl_sum = hidden.new_zeros((), dtype=torch.float32), hidden.new_zeros((), dtype=torch.float32)
@@ -87,7 +87,7 @@ class _HeadLoss(torch.autograd.Function):
             grad = log_q.exp() * (ce_scale * valid.unsqueeze(-1) + (kl_scale if teacher_hidden is not None else 0.0))
             grad.scatter_add_(-1, y.clamp(min=0).unsqueeze(-1), (-ce_scale * valid).unsqueeze(-1).to(grad.dtype))
             if teacher_hidden is not None:
-                log_p = F.log_softmax(head_logits(teacher_hidden[:, part], teacher_weight, cap), dim=-1)
+                log_p = F.log_softmax(head_logits(teacher_hidden[:, part], *teacher_head), dim=-1)
                 p = log_p.exp()
                 kl_sum += (p * (log_p - log_q)).sum()
                 grad -= kl_scale * p
@@ -122,13 +122,13 @@ def chunked_loss(model: torch.nn.Module, core: torch.nn.Module, input_ids: torch
     if not same:
         raise ValueError(f"--loss-chunk cannot reproduce {type(core).__name__}'s logits from its hidden states "
                          "(its head does more than the output embedding and Gemma's soft-capping): train without --loss-chunk.")
-    target_hidden, teacher_weight = None, None
+    target_hidden, teacher_head = None, None
     if teacher is not None:
         with torch.no_grad():
             target_hidden, _ = _run(teacher, input_ids)
-        teacher_weight, _ = output_head(teacher)
+        teacher_head = output_head(teacher)
     labels = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], IGNORE)], dim=1)  # the last predicts nothing
     batch, length = input_ids.shape
     ce_scale, kl_scale = 1.0 / (batch * (length - 1)), kl_weight / (batch * length)
-    loss, ce_sum, kl_sum = _HeadLoss.apply(hidden, weight, cap, labels, target_hidden, teacher_weight, chunk, ce_scale, kl_scale)
+    loss, ce_sum, kl_sum = _HeadLoss.apply(hidden, weight, cap, labels, target_hidden, teacher_head, chunk, ce_scale, kl_scale)
     return loss, ce_sum * ce_scale, (kl_sum / (batch * length) if teacher is not None else None)
