@@ -131,7 +131,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_setup, tmp_p
         train(interrupted)
     log_path = tmp_path / "interrupted" / "log.jsonl"
     with open(log_path, "a") as f:  # a run killed after logging a step it had not checkpointed
-        f.write(json.dumps({"step": 4, "killed": True}) + "\n")
+        f.write(json.dumps({"step": 4, "killed": True}) + "\n" + '{"step": 5, "pha')  # and killed mid-line
     train(interrupted, resume=True)
     a, b = trained_state(tmp_path / "straight"), trained_state(tmp_path / "interrupted")
     assert a.keys() == b.keys() and any("spkv_predictor" in k for k in a)
@@ -390,38 +390,45 @@ def test_long_sequence_mix_run_end_to_end(tiny_setup, tmp_path):
     assert sha["mix"] == sha["control"] != sha["other"] and len(sha["mix"]) == 64
 
 
-@pytest.mark.parametrize("family,train_llm", [("llama", "all"), ("gemma3", "all"), ("llama", "lora")])
-def test_chunked_loss_equals_the_whole_sequence_loss_and_gradients(family, train_llm, tmp_path):
+@pytest.mark.parametrize("family,train_llm,bf16", [("llama", "all", False), ("gemma3", "all", False), ("llama", "lora", False),
+                                                   ("gemma3", "none", True)])
+def test_chunked_loss_equals_the_whole_sequence_loss_and_gradients(family, train_llm, bf16, tmp_path):
     """--loss-chunk: the same CE, distillation KL and gradients as the whole-sequence logits (Gemma's
-    logit soft-capping included; through peft's wrapper), with chunks that do not divide the sequence."""
+    logit soft-capping included, at a cap the logits reach; through peft's wrapper; under bf16
+    autocast), on a batch of 2, with chunks that do not divide the sequence."""
     from spkv.train.loop import step_loss
 
-    extra = {"final_logit_softcapping": 5.0} if family == "gemma3" else {}
+    extra = {"final_logit_softcapping": 0.2} if family == "gemma3" else {}  # |logits| / cap up to ~1: tanh bends
     path = save_tiny_pretrained(tmp_path / family, family=family, **extra)
-    ids = torch.randint(3, 60, (1, 40), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 60, (2, 40), generator=torch.Generator().manual_seed(0))
     results = []
     for chunk in (0, 7):
-        cfg = TrainConfig(model=str(path), out=str(tmp_path / f"run{chunk}"), seq_len=40, batch_size=1, max_tokens=40,
+        cfg = TrainConfig(model=str(path), out=str(tmp_path / f"run{chunk}"), seq_len=40, batch_size=2, max_tokens=80,
                           window=8, predictor_hidden=8, density_target=0.3, density_weight=1.0, distill_weight=1.0,
-                          loss_chunk=chunk, train_llm=train_llm, bf16=False)
+                          loss_chunk=chunk, train_llm=train_llm, bf16=bf16)
         model, _, _, teacher = build_model(cfg)
         randomize_gates(model.get_base_model() if train_llm == "lora" else model)  # gates that drop pairs: a student unlike its teacher
-        loss, stats = step_loss(cfg, model, teacher, ids, 0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, stats = step_loss(cfg, model, teacher, ids, 0)
         loss.backward()
         results.append((loss.detach(), stats, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (loss_a, stats_a, grads_a), (loss_b, stats_b, grads_b) = results
-    assert stats_a["kl"] > 1e-5  # ~1e-8 with untouched gates: a KL near 0 would compare nothing
-    assert torch.allclose(loss_a, loss_b, atol=1e-5)
-    # the KL (~4e-5 here) is a small difference of large terms: matmuls over other row counts round
-    # differently and move it by ~1e-4 of itself on some BLAS builds
-    assert stats_a["ce"] == pytest.approx(stats_b["ce"], abs=1e-5) and stats_a["kl"] == pytest.approx(stats_b["kl"], rel=1e-3)
+    assert stats_a["kl"] > 1e-6  # ~1e-8 with untouched gates: a KL near 0 would compare nothing
+    # the KL is a small difference of large terms: matmuls over other row counts round differently
+    # and move it by ~1e-4 of itself on some BLAS builds; bf16 rounds the logits themselves
+    atol, kl_rel = (1e-5, 1e-3) if not bf16 else (2e-3, 5e-2)
+    assert torch.allclose(loss_a, loss_b, atol=atol)
+    assert stats_a["ce"] == pytest.approx(stats_b["ce"], abs=atol) and stats_a["kl"] == pytest.approx(stats_b["kl"], rel=kl_rel)
     assert grads_a.keys() == grads_b.keys() and any("spkv_predictor" in n for n in grads_a)
     if train_llm == "all":
         assert any("lm_head" in n or "embed_tokens" in n for n in grads_a)  # the head's gradient flows through the chunks
-    else:
+    elif train_llm == "lora":
         assert any("lora_" in n for n in grads_a)
     for name in grads_a:
-        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5), name
+        if bf16:  # bf16 has 8 bits of mantissa: compare directions and sizes
+            assert (grads_a[name] - grads_b[name]).norm() <= 2e-2 * grads_a[name].norm(), name
+        else:
+            assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5), name
 
 
 def test_chunked_loss_refuses_a_head_it_cannot_reproduce(tmp_path):

@@ -28,14 +28,15 @@ IGNORE = -100
 
 
 @contextmanager
-def final_hidden(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Catches the decoder's output ([B, T, H], after the final norm) while a *ForCausalLM runs."""
+def final_hidden(core: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Catches the decoder's output ([B, T, H], after the final norm) while the *ForCausalLM `core`
+    runs (called directly or through a wrapper: DDP and peft do not all expose `get_decoder`)."""
     caught: list[torch.Tensor] = []
 
     def hook(module: torch.nn.Module, args: tuple, output) -> None:
         caught.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
 
-    handle = model.get_decoder().register_forward_hook(hook)
+    handle = core.get_decoder().register_forward_hook(hook)
     try:
         yield caught
     finally:
@@ -52,14 +53,15 @@ def output_head(model: torch.nn.Module) -> tuple[torch.Tensor, float | None]:
 
 
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor, cap: float | None) -> torch.Tensor:
-    """hidden [..., H] -> fp32 logits [..., V], as the model's forward computes them."""
-    logits = F.linear(hidden, weight).float()
-    return logits if cap is None else torch.tanh(logits / cap) * cap
+    """hidden [..., H] -> logits [..., V] in fp32, computed (soft-cap included) in the dtype the
+    model's forward computes them in (bf16 under autocast), so they equal its own."""
+    logits = F.linear(hidden, weight)
+    return (logits if cap is None else torch.tanh(logits / cap) * cap).float()
 
 
-def _run(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _run(model: torch.nn.Module, core: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(final hidden states [B, T, H], the model's own last-position logits [B, 1, V])."""
-    with final_hidden(model) as caught:
+    with final_hidden(core) as caught:
         out = model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
     if len(caught) != 1:
         raise RuntimeError(f"Expected one decoder output from {type(model).__name__}, caught {len(caught)}.")
@@ -86,18 +88,22 @@ class _HeadLoss(torch.autograd.Function):
             # d(CE)/d(logits) = q - onehot(label) on labelled rows; d(KL)/d(logits) = q - p on every row
             grad = log_q.exp() * (ce_scale * valid.unsqueeze(-1) + (kl_scale if teacher_hidden is not None else 0.0))
             grad.scatter_add_(-1, y.clamp(min=0).unsqueeze(-1), (-ce_scale * valid).unsqueeze(-1).to(grad.dtype))
+            cap_slope = None if cap is None else 1 - (logits / cap) ** 2  # logits = cap * tanh(u / cap)
+            del logits
             if teacher_hidden is not None:
                 log_p = F.log_softmax(head_logits(teacher_hidden[:, part], *teacher_head), dim=-1)
                 p = log_p.exp()
                 kl_sum += (p * (log_p - log_q)).sum()
                 grad -= kl_scale * p
                 del log_p, p
-            if cap is not None:  # through logits = cap * tanh(u / cap)
-                grad *= 1 - (logits / cap) ** 2
-            del log_q, logits
+            del log_q
+            if cap_slope is not None:
+                grad *= cap_slope
+                del cap_slope
             grad_hidden[:, part] = torch.matmul(grad, weight).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight += torch.matmul(grad.flatten(0, 1).transpose(0, 1), h.flatten(0, 1)).float()
+            if grad_weight is not None:  # in place, in fp32: no [V, H] temporaries
+                with torch.autocast(hidden.device.type, enabled=False):
+                    grad_weight.addmm_(grad.flatten(0, 1).transpose(0, 1), h.flatten(0, 1).float())
         ctx.grads, ctx.weight_dtype = (grad_hidden, grad_weight), weight.dtype
         ctx.mark_non_differentiable(ce_sum, kl_sum)
         return ce_scale * ce_sum + kl_scale * kl_sum, ce_sum, kl_sum
@@ -105,7 +111,8 @@ class _HeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
         grad_hidden, grad_weight = ctx.grads
-        return (grad_loss * grad_hidden, None if grad_weight is None else (grad_loss * grad_weight).to(ctx.weight_dtype),
+        ctx.grads = None  # the graph (and ctx) may outlive backward: free [V, H] now
+        return (grad_hidden.mul_(grad_loss), None if grad_weight is None else grad_weight.mul_(grad_loss).to(ctx.weight_dtype),
                 None, None, None, None, None, None, None)
 
 
@@ -115,7 +122,7 @@ def chunked_loss(model: torch.nn.Module, core: torch.nn.Module, input_ids: torch
     """(CE + kl_weight * KL, differentiable; mean next-token CE; KL(teacher || student) per position or
     None), the last two detached. `model` is what forward is called on (it may be wrapped by DDP or
     peft), `core` the *ForCausalLM inside it."""
-    hidden, last = _run(model, input_ids)
+    hidden, last = _run(model, core, input_ids)
     weight, cap = output_head(core)
     with torch.no_grad():
         same = torch.allclose(head_logits(hidden[:, -1:], weight, cap), last.float(), rtol=1e-3, atol=1e-3)
@@ -125,7 +132,7 @@ def chunked_loss(model: torch.nn.Module, core: torch.nn.Module, input_ids: torch
     target_hidden, teacher_head = None, None
     if teacher is not None:
         with torch.no_grad():
-            target_hidden, _ = _run(teacher, input_ids)
+            target_hidden, _ = _run(teacher, teacher, input_ids)
         teacher_head = output_head(teacher)
     labels = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], IGNORE)], dim=1)  # the last predicts nothing
     batch, length = input_ids.shape

@@ -163,6 +163,14 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if n in names}
 
 
+def _logged_step(line: str) -> float:
+    """The step of a log.jsonl line; inf for a line a kill cut short (dropped on resume)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
 def save_checkpoint(path: Path, model, optimizer, step: int, cfg: TrainConfig) -> None:
     state = {
         "step": step, "config": dataclasses.asdict(cfg), "model": _trainable_state(model), "optimizer": optimizer.state_dict(),
@@ -248,8 +256,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     if resume and ckpt.exists():
         start = load_checkpoint(ckpt, model, optimizer, cfg)
         if accel.is_main_process and log_path.exists():  # steps logged after the checkpoint are run again
-            kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
-            atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+            atomic_write_text(log_path, "".join(line + "\n" for line in log_path.read_text().splitlines()
+                                                if _logged_step(line) <= start))
     elif not resume and ckpt.exists():
         raise FileExistsError(f"{ckpt} exists: pass --resume to continue it, or choose another --out.")
     model, optimizer = accel.prepare(model, optimizer)
