@@ -10,7 +10,7 @@ The gradient is computed in the forward pass, chunk by chunk (the loss's gradien
 closed-form: softmax minus the one-hot label for the CE, student minus teacher probabilities for the
 KL), and only its product with the head, [B, T, H], waits for backward. Recomputing each chunk in
 backward instead (activation checkpointing) ran the student's and the teacher's head twice: three
-head matmuls per chunk here against five, and the head is most of a Gemma3 step. The sums equal
+head matmuls per chunk here against five. The sums equal
 the whole-sequence loss (HF's mean next-token CE; the KL as `F.kl_div(..., reduction="batchmean") / T`).
 
 The last position's logits, which the model computed itself, check on every call that the head is
