@@ -177,6 +177,7 @@ def test_run_suite_through_the_compressed_cache():
         assert 0.35 < cell["density"] < 0.65  # random scores, threshold 0.5
     for row in result["samples"]:
         assert row["score"] == runner.string_match_all(row["prediction"], row["answers"])
+        assert row["seconds"] > 0 and "cpu" in row  # each sample's wall time and machine
 
     methods = [Method("dense"), Method("spkv"), Method("streaming", threshold=0.0)]
     both = runner.run_methods(model, tok, methods, lengths=[448], tasks=["niah_single"], samples_per_cell=1,
@@ -199,7 +200,8 @@ def test_run_suite_through_the_compressed_cache():
     resumed = runner.run_methods(model, tok, [Method("dense")], resume=interrupted, **kw)
     rows = resumed["methods"][0]["samples"]
     assert [r["prediction"] == "marker" for r in rows] == [True, False]
-    assert rows[1] == saved[-1]["methods"][0]["samples"][1]  # the rest computed as in an uninterrupted run
+    untimed = lambda row: {k: v for k, v in row.items() if k != "seconds"}  # noqa: E731
+    assert untimed(rows[1]) == untimed(saved[-1]["methods"][0]["samples"][1])  # the rest computed as in an uninterrupted run
     # a finished run grows to more samples per cell: its rows are kept, only the new indices run
     grown = runner.run_methods(model, tok, [Method("dense")], resume=resumed, **{**kw, "samples_per_cell": 2})
     rows2 = grown["methods"][0]["samples"]
@@ -265,6 +267,10 @@ def test_tasks_markdown_summary_rows():
     assert "| spkv | 2048 | 37.5 [" in table and "| 10.0% | 150.0% [" in table
     assert "| spkv | all | 37.5 [" in table and "| 20.0% | 75.0% [" in table
     assert "| dense | all | 50.0 [" in table and "| 100.0% | 100.0% [100, 100] |" in table
+    assert "- spkv: not recorded (0 of 4 samples timed)" in table  # rows saved before timing existed
+    result["methods"][1]["samples"][0] |= {"seconds": 90.0, "cpu": "CPU B"}
+    result["methods"][1]["samples"][1] |= {"seconds": 30.0, "cpu": "CPU A"}
+    assert "- spkv: 2.0 min over 2 of 4 samples, on CPU A, CPU B" in report.tasks_markdown(result)
 
 
 def test_cli_match_density_and_resume(tmp_path, monkeypatch):

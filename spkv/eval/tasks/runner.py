@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, replace
@@ -27,6 +28,7 @@ from spkv.eval.tasks.prompts import (
 )
 from spkv.eval.tasks.report import summarize
 from spkv.methods import Method, cache_factory
+from spkv.results import machine
 from spkv.stats import cache_stats
 
 
@@ -76,16 +78,18 @@ def evaluate_samples(model: torch.nn.Module, tokenizer: Any, samples: list[Sampl
     reuse = {(r["task"], r["length"], r["index"]): r for r in done_rows or []}
     keys = [(s.task, s.length, s.index) for s in samples]
     rows = []
+    cpu = machine().get("cpu_model")  # per row: a run grown over sessions may span machines
     # the bar starts at the reused rows' count and moves only for generated ones
     with tqdm(total=len(samples), desc=desc, unit="sample", initial=sum(k in reuse for k in keys)) as bar:
         for s, key in zip(samples, keys):
             if key in reuse:
                 rows.append(reuse[key])
                 continue
+            start = time.perf_counter()
             text, density = generate_answer(model, tokenizer, s.prompt, make_cache(), s.max_new_tokens, prefill_chunk)
             rows.append({"task": s.task, "length": s.length, "index": s.index, "prompt_tokens": s.prompt_tokens,
                          "answers": s.answers, "prediction": text, "score": string_match_all(text, s.answers),
-                         "density": density})
+                         "density": density, "seconds": round(time.perf_counter() - start, 3), "cpu": cpu})
             bar.update(1)
             if on_row is not None:
                 on_row(list(rows))
