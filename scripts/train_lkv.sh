@@ -17,7 +17,7 @@
 #                train_gemma3_long.sh), activation checkpointing and the loss in 512-position chunks
 #                (--loss-chunk: Gemma3's 262k-token logits and the teacher's would not fit otherwise),
 #                checkpointed every 2 steps (a step is minutes)
-# Precision follows the hardware (bf16 where native, else fp32). Resumable. THREADS (default 1).
+# Precision follows the hardware (bf16 where native, else fp32; a resumed run keeps its own). Resumable. THREADS (default 1).
 # Needs `spkv data` first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,15 +38,12 @@ args() {
     *) echo "unknown run '$1' (see the header of $0)" >&2; return 1 ;;
   esac
 }
-precision_of() {  # a resumed run keeps the precision it started with, whatever this machine's default
-  .venv/bin/python -c "import json, sys; print('--bf16' if json.load(open(sys.argv[1]))['bf16'] else '--no-bf16')" $1/train_config.json
-}
 for name in ${RUNS:-lkv-frozen wg-frozen}; do
   out=runs/lkv/$model-$name dest=adapters/lkv/$model-$name
   extra=$(args $name)
   if [ ! -f $out/adapter/adapter_config.json ]; then
     # shellcheck disable=SC2086
-    .venv/bin/spkv train "${common[@]}" $extra --out $out $([ -f $out/checkpoint.pt ] && echo --resume $(precision_of $out))
+    .venv/bin/spkv train "${common[@]}" $extra --out $out $([ -f $out/checkpoint.pt ] && echo --resume)
   fi
   mkdir -p $dest && cp $out/adapter/* $out/log.jsonl $out/train_config.json $dest/
 done

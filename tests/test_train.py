@@ -105,6 +105,22 @@ def test_density_penalty_one_or_two_sided():
         TrainConfig(density_target=1.5, density_weight=1.0)
 
 
+def test_a_resumed_run_keeps_its_precision(tmp_path, monkeypatch):
+    """`spkv train --resume` without --bf16/--no-bf16 takes the run's own precision (started on
+    another machine), not this machine's default; an explicit flag still wins (and a mismatch errors)."""
+    import spkv.train
+    from spkv.cli import main
+
+    seen = []
+    monkeypatch.setattr(spkv.train, "train", lambda cfg, resume, max_steps: seen.append(cfg) or tmp_path / "adapter")
+    saved = not bf16_is_fast()  # the other precision than this machine's default
+    (tmp_path / "train_config.json").write_text(json.dumps({"bf16": saved}))
+    main(["train", "--out", str(tmp_path), "--resume"])
+    main(["train", "--out", str(tmp_path)])  # a fresh run: this machine's default
+    main(["train", "--out", str(tmp_path), "--resume", "--bf16" if not saved else "--no-bf16"])
+    assert [cfg.bf16 for cfg in seen] == [saved, not saved, not saved]
+
+
 def test_bf16_default_follows_the_hardware():
     assert TrainConfig().bf16 is bf16_is_fast()
     assert TrainConfig(bf16=True).bf16 is True and TrainConfig(bf16=False).bf16 is False

@@ -74,7 +74,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     from spkv.train import TrainConfig, train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    saved = Path(args.out) / "train_config.json"
+    if args.resume and values.get("bf16") is None and saved.exists():  # keep the run's precision, not this machine's default
+        values["bf16"] = json.loads(saved.read_text())["bf16"]
+    cfg = TrainConfig(**values)
     adapter = train(cfg, resume=args.resume, max_steps=args.max_steps)
     if adapter.exists():
         print(f"adapter saved to {adapter}")
