@@ -29,6 +29,7 @@ BLOCKS = {
     "train_gemma3": ("results/train/gemma3/nll-2k/nll_sweep.md", "results/train/gemma3/nll-2k/nll_sweep.json"),
     **{f"train_gemma3_long_{n}": (f"results/train/gemma3/long-nll-{n}/nll_sweep.md", f"results/train/gemma3/long-nll-{n}/nll_sweep.json")
        for n in ("8k", "2k")},
+    "nll_gemma3_wg_8k": ("results/lkv/gemma3-wg-nll-8k/nll_sweep.md", "results/lkv/gemma3-wg-nll-8k/nll_sweep.json"),
     "train_options": ("results/train/options.md", "results/train/options.json"),
     "matched": ("results/eval/smollm2/matched.md", "results/eval/smollm2/matched.json"),
     "matched_frozen": ("results/eval/smollm2-frozen/matched.md", "results/eval/smollm2-frozen/matched.json"),

@@ -203,11 +203,22 @@ def test_run_suite_through_the_compressed_cache():
     untimed = lambda row: {k: v for k, v in row.items() if k != "seconds"}  # noqa: E731
     assert untimed(rows[1]) == untimed(saved[-1]["methods"][0]["samples"][1])  # the rest computed as in an uninterrupted run
     # a finished run grows to more samples per cell: its rows are kept, only the new indices run
+    # (index first, so a growth stopped part way leaves every cell at k or k + 1 samples)
     grown = runner.run_methods(model, tok, [Method("dense")], resume=resumed, **{**kw, "samples_per_cell": 2})
     rows2 = grown["methods"][0]["samples"]
-    assert len(rows2) == 4 and [r["index"] for r in rows2] == [0, 1, 0, 1]
-    assert rows2[0]["prediction"] == "marker" and rows2[2] == rows[1]
+    assert len(rows2) == 4 and [(r["task"], r["index"]) for r in rows2] == [("niah_single", 0), ("vt", 0),
+                                                                           ("niah_single", 1), ("vt", 1)]
+    assert rows2[0]["prediction"] == "marker" and rows2[1] == rows[1]
     assert [c["n"] for c in grown["methods"][0]["cells"]] == [2, 2]
+    # a saved row that comes after a missing one is in every partial save, so a stop there loses nothing
+    gap = json.loads(json.dumps(grown))
+    gap["methods"][0]["samples"] = [r for r in rows2 if (r["task"], r["index"]) != ("niah_single", 0)]
+    saves: list[dict] = []
+    runner.run_methods(model, tok, [Method("dense")], resume=gap, save=saves.append, **{**kw, "samples_per_cell": 2})
+    first_save = saves[0]["methods"][0]
+    assert first_save["partial"] and len(first_save["samples"]) == 4
+    assert sorted((r["task"], r["index"]) for r in first_save["samples"]) == sorted((r["task"], r["index"]) for r in rows2)
+    assert all(r in first_save["samples"] for r in rows2[1:])  # the reused rows, as they were saved
 
 
 def test_cli_quick(tmp_path, monkeypatch):

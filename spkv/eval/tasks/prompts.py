@@ -414,10 +414,11 @@ def calibration_set(tokenizer: Any, length: int, tasks: Iterable[str] = TASKS, s
 
 def build_suite(tokenizer: Any, lengths: Iterable[int], tasks: Iterable[str] = TASKS, samples_per_cell: int = 4,
                 seed: int = 0, config: TaskConfig | None = None, max_new_tokens: int | None = None) -> list[Sample]:
-    """Every (task, length, index) sample; the needle tasks' haystack is loaded once."""
-    cfg, tasks = config or TaskConfig(), list(tasks)
+    """Every (task, length, index) sample, index first: a run stopped part way has every cell at k
+    or k + 1 samples, so its partial result is a balanced suite. The needle tasks' haystack is loaded once."""
+    cfg, tasks, lengths = config or TaskConfig(), list(tasks), list(lengths)
     hay = make_haystack(cfg) if any(t.startswith("niah") for t in tasks) else None
     return [
         make_sample(task, length, i, tokenizer, seed, cfg, hay, max_new_tokens)
-        for task in tasks for length in lengths for i in range(samples_per_cell)
+        for i in range(samples_per_cell) for task in tasks for length in lengths
     ]

@@ -73,15 +73,16 @@ def evaluate_samples(model: torch.nn.Module, tokenizer: Any, samples: list[Sampl
                      on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
     """Generate every sample's answer -> {"cells": per (task, length) score and density, "samples": [...]}.
 
-    Rows in `done_rows` (same task, length and index) are reused; `on_row` gets the rows so far
-    after every new one, so a long run can resume mid-method."""
+    Rows in `done_rows` (same task, length and index) are reused; `on_row` gets the rows so far and
+    every reused row not reached yet after each new one, so a long run can resume mid-method and a
+    stop part way loses no earlier sample."""
     reuse = {(r["task"], r["length"], r["index"]): r for r in done_rows or []}
     keys = [(s.task, s.length, s.index) for s in samples]
     rows = []
     cpu = machine().get("cpu_model")  # per row: a run grown over sessions may span machines
     # the bar starts at the reused rows' count and moves only for generated ones
     with tqdm(total=len(samples), desc=desc, unit="sample", initial=sum(k in reuse for k in keys)) as bar:
-        for s, key in zip(samples, keys):
+        for i, (s, key) in enumerate(zip(samples, keys)):
             if key in reuse:
                 rows.append(reuse[key])
                 continue
@@ -92,7 +93,7 @@ def evaluate_samples(model: torch.nn.Module, tokenizer: Any, samples: list[Sampl
                          "density": density, "seconds": round(time.perf_counter() - start, 3), "cpu": cpu})
             bar.update(1)
             if on_row is not None:
-                on_row(list(rows))
+                on_row(rows + [reuse[k] for k in keys[i + 1:] if k in reuse])
     return {"cells": summarize(rows), "samples": rows}
 
 
