@@ -6,27 +6,39 @@
 # (164k), and adapters/lkv/* of scripts/train_lkv.sh. Resumable (--resume reuses finished rows
 # of the same table: a finished run only adds rows). Then the density analysis
 # (scripts/analyze.sh; ANALYZE=0 skips it). THREADS (default: torch's) sets the torch threads.
+# PAIR=1.3m makes the same table for the 1.3M-token pair of issue 16 (adapters/smollm2-135m-*-1.3m,
+# results/eval/smollm2-1.3m) with the 327k-token adapter and the hardened LKV / gate rows beside it.
 # Needs `spkv data` first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
+suffix=${PAIR:+-$PAIR}
 learned=()
-for row in "SP-KV joint, 164k tokens=adapters/smollm2-135m-spkv-164k" \
-           "LKV + LoRA, 4 sinks, hardened=adapters/lkv/smollm2-135m-lkv-lora-hardened" \
-           "SP-KV gate, LLM frozen=adapters/lkv/smollm2-135m-wg-frozen" \
-           "LKV, LLM frozen=adapters/lkv/smollm2-135m-lkv-frozen" \
-           "LKV, uniform budgets=adapters/lkv/smollm2-135m-lkv-uniform" \
-           "LKV + LoRA=adapters/lkv/smollm2-135m-lkv-lora" \
-           "SP-KV gate, LLM frozen, 4 sinks, hardened=adapters/lkv/smollm2-135m-wg-frozen-hardened" \
-           "LKV, LLM frozen, 4 sinks, hardened=adapters/lkv/smollm2-135m-lkv-frozen-hardened" \
-           "LKV, uniform budgets, 4 sinks, hardened=adapters/lkv/smollm2-135m-lkv-uniform-hardened"; do
+if [ -n "$suffix" ]; then
+  rows=("SP-KV joint, 327k tokens=adapters/smollm2-135m-spkv"
+        "LKV + LoRA, 4 sinks, hardened=adapters/lkv/smollm2-135m-lkv-lora-hardened"
+        "SP-KV gate, LLM frozen, 4 sinks, hardened=adapters/lkv/smollm2-135m-wg-frozen-hardened"
+        "LKV, LLM frozen, 4 sinks, hardened=adapters/lkv/smollm2-135m-lkv-frozen-hardened")
+else
+  rows=("SP-KV joint, 164k tokens=adapters/smollm2-135m-spkv-164k"
+        "LKV + LoRA, 4 sinks, hardened=adapters/lkv/smollm2-135m-lkv-lora-hardened"
+        "SP-KV gate, LLM frozen=adapters/lkv/smollm2-135m-wg-frozen"
+        "LKV, LLM frozen=adapters/lkv/smollm2-135m-lkv-frozen"
+        "LKV, uniform budgets=adapters/lkv/smollm2-135m-lkv-uniform"
+        "LKV + LoRA=adapters/lkv/smollm2-135m-lkv-lora"
+        "SP-KV gate, LLM frozen, 4 sinks, hardened=adapters/lkv/smollm2-135m-wg-frozen-hardened"
+        "LKV, LLM frozen, 4 sinks, hardened=adapters/lkv/smollm2-135m-lkv-frozen-hardened"
+        "LKV, uniform budgets, 4 sinks, hardened=adapters/lkv/smollm2-135m-lkv-uniform-hardened")
+fi
+for row in "${rows[@]}"; do
   [ -f "${row#*=}/adapter_config.json" ] && learned+=("$row")
 done
-.venv/bin/spkv eval matched --model smollm2-135m --adapter adapters/smollm2-135m-spkv \
-    --control adapters/smollm2-135m-control --tau 0.5 --seq-len 2048 --sequences 16 \
+.venv/bin/spkv eval matched --model smollm2-135m --adapter adapters/smollm2-135m-spkv$suffix \
+    --control adapters/smollm2-135m-control$suffix --tau 0.5 --seq-len 2048 --sequences 16 \
     --calibration-sequences 2 --chunk 32 --exactness-sequences 1 --exactness-tokens 1024 \
-    --methods streaming key_norm kvzap random h2o tova expected_attention --out results/eval/smollm2 --resume \
+    --methods streaming key_norm kvzap random h2o tova expected_attention --out results/eval/smollm2$suffix --resume \
     ${learned[@]+--learned "${learned[@]}"}
+[ -n "$suffix" ] && exit 0  # the paired rows and the analysis below are the 327k-token adapter's
 # the paired differences quoted in docs/lkv.md -> results/eval/smollm2/paired_rows.json: LKV co-trained
 # with LoRA against SP-KV at the same tokens and the best baseline, and the hardened frozen rows
 lora="LKV + LoRA, 4 sinks, hardened"

@@ -6,7 +6,8 @@
 # again and unfinished runs continue from their checkpoints; the sweep is redone when the adapter is
 # newer than it. THREADS (default 1) sets torch threads. DENSITY (default 0.35) sets the density
 # target (the run is named reg<percent>-x<tokens / 163,840>). RUNS="spkv" or "control" trains one of
-# the pair (two jobs, one per core, then a last run without RUNS for the sweep).
+# the pair (two jobs, one per core, then a last run without RUNS for the sweep). SHIP=PATH copies the
+# finished pair to PATH with {} replaced by spkv and by control (scripts/train_smollm2.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${THREADS:-1}
@@ -31,4 +32,10 @@ if [ ! -f $sweep ] || [ $out/adapter/adapter_config.json -nt $sweep ]; then  # n
   cp $out/train_config.json $out/log.jsonl results/train/long/$name/
   mkdir -p results/train/long/$(basename $control)
   cp $control/train_config.json $control/log.jsonl results/train/long/$(basename $control)/
+fi
+if [ -n "${SHIP:-}" ]; then
+  for pair in spkv:$out control:$control; do
+    dest=${SHIP//\{\}/${pair%%:*}} run=${pair#*:}
+    mkdir -p $dest && cp $run/adapter/* $run/log.jsonl $run/train_config.json $dest/
+  done
 fi
