@@ -31,6 +31,8 @@ BLOCKS = {
        for n in ("8k", "2k")},
     "nll_gemma3_wg_8k": ("results/lkv/gemma3-wg-nll-8k/nll_sweep.md", "results/lkv/gemma3-wg-nll-8k/nll_sweep.json"),
     "train_options": ("results/train/options.md", "results/train/options.json"),
+    "train_smollm2_1.3m": ("results/train/long/reg25-x8/nll_sweep.md", "results/train/long/reg25-x8/nll_sweep.json"),
+    "matched_1.3m": ("results/eval/smollm2-1.3m/matched.md", "results/eval/smollm2-1.3m/matched.json"),
     "matched": ("results/eval/smollm2/matched.md", "results/eval/smollm2/matched.json"),
     "matched_frozen": ("results/eval/smollm2-frozen/matched.md", "results/eval/smollm2-frozen/matched.json"),
     "analysis": ("results/analysis/smollm2/analysis.md", "results/analysis/smollm2/analysis.json"),
@@ -57,11 +59,15 @@ BLOCKS = {
 # another commit, so its rows (made with the shipped adapter) are shown again.
 STALE_ADAPTER_DECODE = {"2c9247e0acb2": "the adapter shipped until commit `f763f00` (now `adapters/smollm2-135m-spkv-164k`)"}
 
+SHIPPED_1_3M = ("`runs/long/reg25-x8/adapter` and `runs/long/control-x8/adapter` are shipped as "
+                "`adapters/smollm2-135m-spkv-1.3m` and `adapters/smollm2-135m-control-1.3m` (`scripts/train_smollm2.sh` copies them).")
+
 # A note appended to a block, for what its table names but the repository does not hold.
 BLOCK_NOTES = {
+    "train_smollm2_1.3m": "`runs/` is not in the repository; " + SHIPPED_1_3M,
     "train_options": (
         "Paths under `runs/` are training runs on the machine that made them; `runs/` is not in the repository. "
-        "`runs/long/control-x2/adapter` is shipped as `adapters/smollm2-135m-control` (`scripts/train_smollm2.sh` copies it). "
+        "`runs/long/control-x2/adapter` is shipped as `adapters/smollm2-135m-control`; " + SHIPPED_1_3M + " "
         "`runs/options/control-fp32` is not shipped: its config and log are in `results/train/options/control-fp32/`, and "
         "`scripts/train_options_smollm2.sh` trains it again."),
 }
