@@ -13,6 +13,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${THREADS:-}" ] && export OMP_NUM_THREADS=$THREADS
 suffix=${PAIR:+-$PAIR}
+for a in adapters/smollm2-135m-spkv$suffix adapters/smollm2-135m-control$suffix; do
+  [ -f $a/adapter_config.json ] || { echo "eval_matched_smollm2.sh: no $a (PAIR=${PAIR:-}); train it first: bash scripts/train_smollm2.sh" >&2; exit 2; }
+done
 learned=()
 if [ -n "$suffix" ]; then
   rows=("SP-KV joint, 327k tokens=adapters/smollm2-135m-spkv"
