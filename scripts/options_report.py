@@ -51,9 +51,16 @@ def row(name: str, sweep_path: Path, config_path: Path, reference: dict) -> dict
         "control": sweep["control"], "density": spkv["density"], "dnll_pct": own, "dnll_pct_stderr": own_se,
         "dnll_pct_vs_164k_control": vs_164k, "dnll_pct_vs_164k_control_stderr": vs_164k_se,
         "nll": spkv["nll"], "reference_nll": reference_row(sweep)["nll"], "sweep": str(sweep_path.relative_to(ROOT)),
-        "other_taus": [{"tau": r["threshold"], "density": r["density"], "dnll_pct": dnll(r, reference_row(sweep))[0]}
+        "other_taus": [{"tau": r["threshold"], "target_density": r.get("target_density"), "density": r["density"],
+                        "dnll_pct": dnll(r, reference_row(sweep))[0]}
                        for r in sweep["rows"] if r["method"] == "SP-KV" and r["threshold"] != 0.5],
     }
+
+
+def calibrated(other: dict) -> str:
+    """' (calibrated to 25%)' for a row whose tau was calibrated to a target density, else ''."""
+    target = other.get("target_density")
+    return "" if target is None else f" (calibrated to {100 * target:g}%)"
 
 
 def main() -> None:
@@ -83,7 +90,7 @@ def main() -> None:
         if c.get("density_ramp_steps"):
             reg += f", ramped over {c['density_ramp_steps']} steps"
         precision = "bf16 autocast" if c.get("bf16") else "fp32"
-        others = "; ".join(f"{o['tau']}: {100 * o['density']:.1f}%, {o['dnll_pct']:+.2f}%" for o in r["other_taus"])
+        others = "; ".join(f"{o['tau']:.3g}{calibrated(o)}: {100 * o['density']:.1f}%, {o['dnll_pct']:+.2f}%" for o in r["other_taus"])
         lines.append(f"| {r['option']} | {c.get('train_llm')} | {precision} | {c.get('predictor_lr_mult')} | {reg} | {c.get('distill_weight')} "
                      f"| {r['train_tokens']} | {100 * r['density']:.1f}% | {r['dnll_pct']:+.2f}% ± {r['dnll_pct_stderr']:.2f} "
                      f"| `{r['control']}` | {r['dnll_pct_vs_164k_control']:+.2f}% ± {r['dnll_pct_vs_164k_control_stderr']:.2f} "

@@ -52,12 +52,17 @@ def test_generate_errors(tiny_pretrained, tmp_path):
         main(["generate", "--model", str(tiny_pretrained("model2"))])
 
 
-def test_eval_nll_sweep(tiny_pretrained, tmp_path):
+def _random_gate_adapter(tiny_pretrained, tmp_path):
+    """(model dir, the converted model with random gates, its tokenizer, its saved adapter)."""
     model_dir = tiny_pretrained("model", words=WORDS)
-    model, _ = load_model(str(model_dir))
+    model, tokenizer = load_model(str(model_dir))
     spkv.convert(model, spkv.SPKVConfig(window=8, threshold=0.5))
     randomize_gates(model, seed=2)
-    adapter = spkv.save_adapter(model, tmp_path / "adapter")
+    return model_dir, model, tokenizer, spkv.save_adapter(model, tmp_path / "adapter")
+
+
+def test_eval_nll_sweep(tiny_pretrained, tmp_path):
+    model_dir, _, _, adapter = _random_gate_adapter(tiny_pretrained, tmp_path)
     rng = random.Random(0)
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text("".join(json.dumps({"id": f"h{i}", "source": "words",
@@ -81,6 +86,36 @@ def test_eval_nll_sweep(tiny_pretrained, tmp_path):
     assert base_row["nll_per_sequence"] == pytest.approx(direct.nll_per_sequence, abs=1e-6)
     table = (out / "nll_sweep.md").read_text()
     assert "| base model |  |" in table and "| SP-KV | 0.3 |" in table and "| SP-KV | 0.7 |" in table
+
+
+def test_eval_nll_at_a_target_density(tiny_pretrained, tmp_path):
+    """--densities: tau is calibrated on the calibration corpus (never the evaluated documents), and
+    the row is the full-sequence NLL at that tau."""
+    model_dir, model, tokenizer, adapter = _random_gate_adapter(tiny_pretrained, tmp_path)
+    rng = random.Random(1)
+
+    def corpus(name: str, n: int) -> object:
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"id": f"{name}{i}", "source": "words",
+                                            "text": " ".join(f"w{rng.randrange(WORDS)}" for _ in range(90))}) + "\n"
+                                for i in range(n)))
+        return path
+
+    heldout, train = corpus("heldout", 2), corpus("train", 3)
+    out = tmp_path / "out"
+    main(["eval", "nll", "--model", str(model_dir), "--adapter", str(adapter), "--thresholds", "0.5", "--densities", "0.4",
+          "--calibration-sequences", "3", "--calibration-corpus", str(train), "--seq-len", "64", "--sequences", "2",
+          "--heldout", str(heldout), "--out", str(out)])
+
+    row = json.loads((out / "nll_sweep.json").read_text())["rows"][-1]
+    calibration = list(heldout_set(tokenizer, seq_len=64, max_sequences=3, corpus=train).input_ids)
+    expected = spkv.calibrate(model, input_ids=calibration, density=0.4)  # sets the model's tau
+    assert row["target_density"] == 0.4 and row["threshold"] == pytest.approx(expected.threshold)
+    assert row["calibration_density"] == pytest.approx(expected.density) and row["calibration_density"] <= 0.4
+    assert row["calibration_tokens"] == 3 * 64
+    direct = nll_full_sequence(model, heldout_set(tokenizer, seq_len=64, max_sequences=2, corpus=heldout))
+    assert row["nll"] == pytest.approx(direct.nll, abs=1e-6) and row["density"] == pytest.approx(direct.density)
+    assert "* (target 40%)" in (out / "nll_sweep.md").read_text()
 
 
 def test_generate_runs_a_hybrid_layout(tiny_pretrained, tmp_path):

@@ -11,6 +11,7 @@ from spkv.cli.common import add_heldout_args, add_model_args, load_model_args
 
 
 def cmd_eval_nll(args: argparse.Namespace) -> None:
+    from spkv.data.corpus import default_corpus
     from spkv.data.heldout import heldout_set
     from spkv.eval.nll import sweep_markdown, threshold_sweep
     from spkv.models import load_model
@@ -18,7 +19,11 @@ def cmd_eval_nll(args: argparse.Namespace) -> None:
 
     _, tokenizer = load_model(args.model)
     data = heldout_set(tokenizer, seq_len=args.seq_len, max_sequences=args.sequences, corpus=args.heldout)
-    result = threshold_sweep(args.model, args.adapter, args.control, args.thresholds, data)
+    calibration = None
+    if args.densities:  # tau for a target density is chosen on training-split documents, never the evaluated ones
+        calibration = list(heldout_set(tokenizer, seq_len=args.seq_len, max_sequences=args.calibration_sequences,
+                                       corpus=args.calibration_corpus or default_corpus() / "train.jsonl").input_ids)
+    result = threshold_sweep(args.model, args.adapter, args.control, args.thresholds, data, args.densities or [], calibration)
     out = Path(args.out)
     write_json(out / "nll_sweep.json", result)
     table = sweep_markdown(result)
@@ -258,6 +263,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     en.add_argument("--adapter", required=True)
     en.add_argument("--control", help="the dense control's adapter (spkv train --control)")
     en.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    en.add_argument("--densities", type=float, nargs="+", metavar="D",
+                    help="also SP-KV at these target densities (e.g. 0.25), tau calibrated on training-split documents")
+    en.add_argument("--calibration-sequences", type=int, default=4, help="training-split documents for --densities")
+    en.add_argument("--calibration-corpus", help=".jsonl to calibrate --densities on (default: the spkv data corpus's train.jsonl)")
     add_heldout_args(en)
     en.add_argument("--out", default="results/train")
     en.set_defaults(func=cmd_eval_nll)

@@ -128,11 +128,19 @@ def nll_with_policy(model: torch.nn.Module, data: HeldoutSet, policy: ScoringPol
     )
 
 
-def threshold_sweep(model_name: str, adapter: str, control: str | None, thresholds: list[float], data: HeldoutSet) -> dict[str, Any]:
-    """Held-out NLL of the base model, the dense control and SP-KV at each tau (with its density)."""
+def threshold_sweep(model_name: str, adapter: str, control: str | None, thresholds: list[float], data: HeldoutSet,
+                    densities: list[float] = (), calibration: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    """Held-out NLL of the base model, the dense control and SP-KV at each tau (with its density),
+    then at each target density of `densities`, its tau calibrated on `calibration` (token ids of
+    documents that are not in `data`: choosing tau on the evaluated documents would be choosing on
+    the test set)."""
     from spkv.adapter import load_adapter, read_adapter_config
+    from spkv.budget import calibrate
     from spkv.convert import set_threshold
     from spkv.models import load_model
+
+    if densities and not calibration:
+        raise ValueError("densities need calibration documents (token ids of documents outside the evaluated set)")
 
     rows = []
     base, _ = load_model(model_name)
@@ -145,6 +153,11 @@ def threshold_sweep(model_name: str, adapter: str, control: str | None, threshol
     for tau in thresholds:
         set_threshold(model, tau)
         rows.append({"method": "SP-KV", "threshold": tau, **nll_full_sequence(model, data, f"spkv tau={tau}").__dict__})
+    for target in densities:
+        budget = calibrate(model, input_ids=calibration, density=target)  # sets the model's tau
+        rows.append({"method": "SP-KV", "threshold": budget.threshold, "target_density": target,
+                     "calibration_density": budget.density, "calibration_tokens": budget.tokens,
+                     **nll_full_sequence(model, data, f"spkv {100 * target:g}%").__dict__})
     reference = next(r for r in rows if r["method"] == ("dense control" if control else "base model"))
     base_nll = rows[0]["nll"]
     for r in rows:
@@ -176,8 +189,14 @@ def sweep_markdown(result: dict[str, Any]) -> str:
         "| density (mean layers x heads) | density (token-weighted) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
+    calibrated = [r for r in result["rows"] if r.get("target_density") is not None]
+    if calibrated:
+        lines[0] += (f" Rows marked * have tau calibrated to a target density on {calibrated[0]['calibration_tokens']} tokens "
+                     "of training-split documents (not the evaluated ones).")
     for r, se in zip(result["rows"], paired):
-        tau = "" if r["threshold"] is None else f"{r['threshold']:g}"
+        tau = "" if r["threshold"] is None else f"{r['threshold']:.3g}"
+        if r.get("target_density") is not None:
+            tau += f"* (target {100 * r['target_density']:g}%)"
         dens = "" if r["density"] is None else f"{100 * r['density']:.1f}%"
         densw = "" if r["density_token_weighted"] is None else f"{100 * r['density_token_weighted']:.1f}%"
         lines.append(f"| {r['method']} | {tau} | {r['nll']:.4f} ± {r['nll_stderr']:.4f} | {r['dnll_pct_vs_reference']:+.2f}% ± {se:.2f} | "
