@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 4's longer budget: the reg35 option (scripts/train_options_smollm2.sh: the shipped recipe with
 # a density target of 0.35) and its dense control, each on TOKENS (default 327,680: twice the shipped
-# run's) with the same data order, then held-out NLL on the same 16 documents at tau 0.3 / 0.5 / 0.7.
+# run's) with the same data order, then held-out NLL on the same 16 documents at tau 0.3 / 0.5 / 0.7
+# and at 25% density (tau calibrated on training-split documents).
 # bf16 autocast (the CPU must have native bf16; the shipped control is bf16 too). Resumable: run it
 # again and unfinished runs continue from their checkpoints; the sweep is redone when the adapter is
 # newer than it. THREADS (default 1) sets torch threads. DENSITY (default 0.35) sets the density
@@ -28,7 +29,7 @@ fi
 sweep=results/train/long/$name/nll_sweep.json
 if [ ! -f $sweep ] || [ $out/adapter/adapter_config.json -nt $sweep ]; then  # no sweep yet, or one of an older adapter
   .venv/bin/spkv eval nll --model smollm2-135m --adapter $out/adapter --control $control/adapter \
-      --thresholds 0.3 0.5 0.7 --seq-len 2048 --sequences 16 --out results/train/long/$name
+      --thresholds 0.3 0.5 0.7 --densities 0.25 --calibration-sequences 4 --seq-len 2048 --sequences 16 --out results/train/long/$name
   cp $out/train_config.json $out/log.jsonl results/train/long/$name/
   mkdir -p results/train/long/$(basename $control)
   cp $control/train_config.json $control/log.jsonl results/train/long/$(basename $control)/
