@@ -6,6 +6,8 @@
 #       and the write gates trained with the LLM frozen (the base model's weights, gated);
 #       retention vs the base model and vs each control, per length; paired differences from the best
 #       post-hoc baseline (the highest mean over all cells of the base run).
+#   results/tasks/compare-8        issue 16's statistics: only the rows with 8 samples in every cell
+#       (the base run read from its partial file while it grows), on all 8, vs the base model dense.
 #   results/tasks/compare-learned  issue 17: the learned systems (SP-KV joint, the frozen-LLM write
 #       gate, LKV frozen / uniform budgets / LoRA) beside the baselines, vs the base model and control;
 #       paired differences from the best baseline, from frozen LKV (learned vs uniform budgets, frozen
@@ -40,6 +42,36 @@ add "write gate, LLM frozen (2k prose)" results/tasks/gemma3-lkv/wg-frozen-harde
 add "write gate, LLM frozen (4k + synthetic)" results/tasks/gemma3-lkv/wg-frozen-hardened-long/tasks.json:spkv
 .venv/bin/spkv eval tasks-compare --rows "${rows[@]}" --reference "${refs[@]}" --versus "$best" \
     --out results/tasks/compare-long
+
+newest=$base; [ -f results/tasks/gemma3/tasks.partial.json ] && newest=results/tasks/gemma3/tasks.partial.json
+rows8=()
+while IFS=$'\t' read -r name spec; do rows8+=("$name=$spec"); done < <(python3 - "$newest" <<'PY'
+import collections, json, sys
+def full(run, result):  # 8 samples or more in every (task, length) cell
+    n = collections.Counter((s["task"], s["length"]) for s in run.get("samples", []))
+    return len(n) == len(result["tasks"]) * len(result["lengths"]) and min(n.values()) >= 8
+base = json.load(open(sys.argv[1]))
+for run in base["methods"]:
+    if full(run, base):
+        name = "base model (dense)" if run["method"] == "dense" else f"{run['method']} 25% (base weights)"
+        print(f"{name}\t{sys.argv[1]}:{run['label']}")
+for name, path in [("write gate, LLM frozen (2k prose)", "results/tasks/gemma3-lkv/wg-frozen-hardened/tasks.json"),
+                   ("write gate, LLM frozen (4k + synthetic)", "results/tasks/gemma3-lkv/wg-frozen-hardened-long/tasks.json"),
+                   ("long SP-KV 25%", "results/tasks/gemma3-long-spkv/tasks.json")]:
+    try:
+        result = json.load(open(path))
+    except FileNotFoundError:
+        continue
+    run = next((r for r in result["methods"] if r["method"] == "spkv"), None)
+    if run is not None and full(run, result):
+        print(f"{name}\t{path}:spkv")
+PY
+)
+if [ ${#rows8[@]} -gt 1 ]; then
+  versus8=()
+  [[ " ${rows8[*]} " == *" h2o 25% (base weights)="* ]] && versus8=(--versus "h2o 25% (base weights)")
+  .venv/bin/spkv eval tasks-compare --rows "${rows8[@]}" --reference "base=$newest" "${versus8[@]}" --out results/tasks/compare-8
+fi
 
 rows=("base model (dense)=$base" "${baselines[@]}")
 add "control (2k, dense)" results/tasks/gemma3-control/tasks.json

@@ -41,6 +41,7 @@ BLOCKS = {
     "tasks": ("results/tasks/gemma3/tasks.md", "results/tasks/gemma3/tasks.json"),
     "tasks_spkv": ("results/tasks/gemma3-spkv/tasks.md", "results/tasks/gemma3-spkv/tasks.json"),
     "tasks_gemma3_long": ("results/tasks/compare-long/compare.md", "results/tasks/compare-long/compare.json"),
+    "tasks_gemma3_8": ("results/tasks/compare-8/compare.md", "results/tasks/compare-8/compare.json"),
     "tasks_gemma3_learned": ("results/tasks/compare-learned/compare.md", "results/tasks/compare-learned/compare.json"),
     "core": ("results/core/core_report.md", "results/core/core_report.json"),
     "decode": ("results/bench/decode.md", "results/bench/decode.json"),
