@@ -41,7 +41,10 @@ done
     --calibration-sequences 2 --chunk 32 --exactness-sequences 1 --exactness-tokens 1024 \
     --methods streaming key_norm kvzap random h2o tova expected_attention --out results/eval/smollm2$suffix --resume \
     ${learned[@]+--learned "${learned[@]}"}
-[ -n "$suffix" ] && exit 0  # the paired rows and the analysis below are the 327k-token adapter's
+if [ -n "$suffix" ]; then  # the 1.3M pair against the best baseline and the 327k-token adapter at the same density
+  .venv/bin/python scripts/paired_rows.py results/eval/smollm2$suffix/matched.json SP-KV kvzap SP-KV "SP-KV joint, 327k tokens"
+  exit 0  # the paired rows and the analysis below are the 327k-token adapter's
+fi
 # the paired differences quoted in docs/lkv.md -> results/eval/smollm2/paired_rows.json: LKV co-trained
 # with LoRA against SP-KV at the same tokens and the best baseline, and the hardened frozen rows
 lora="LKV + LoRA, 4 sinks, hardened"
