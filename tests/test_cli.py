@@ -116,6 +116,13 @@ def test_eval_nll_at_a_target_density(tiny_pretrained, tmp_path):
     direct = nll_full_sequence(model, heldout_set(tokenizer, seq_len=64, max_sequences=2, corpus=heldout))
     assert row["nll"] == pytest.approx(direct.nll, abs=1e-6) and row["density"] == pytest.approx(direct.density)
     assert "* (target 40%)" in (out / "nll_sweep.md").read_text()
+    args = ["eval", "nll", "--model", str(model_dir), "--adapter", str(adapter), "--calibration-corpus", str(train),
+            "--seq-len", "64", "--heldout", str(heldout), "--out", str(tmp_path / "bad")]
+    with pytest.raises(SystemExit, match=r"must be in \(0, 1\], got \[1.5\]"):  # before any evaluation
+        main(args + ["--densities", "1.5"])
+    with pytest.raises(SystemExit, match="--calibration-sequences must be at least 1"):
+        main(args + ["--densities", "0.4", "--calibration-sequences", "0"])
+    assert not (tmp_path / "bad").exists()
 
 
 def test_generate_runs_a_hybrid_layout(tiny_pretrained, tmp_path):

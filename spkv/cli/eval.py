@@ -21,6 +21,8 @@ def cmd_eval_nll(args: argparse.Namespace) -> None:
     data = heldout_set(tokenizer, seq_len=args.seq_len, max_sequences=args.sequences, corpus=args.heldout)
     calibration = None
     if args.densities:  # tau for a target density is chosen on training-split documents, never the evaluated ones
+        if args.calibration_sequences < 1:
+            raise SystemExit(f"error: --calibration-sequences must be at least 1, got {args.calibration_sequences}")
         calibration = list(heldout_set(tokenizer, seq_len=args.seq_len, max_sequences=args.calibration_sequences,
                                        corpus=args.calibration_corpus or default_corpus() / "train.jsonl").input_ids)
     result = threshold_sweep(args.model, args.adapter, args.control, args.thresholds, data, args.densities or [], calibration)

@@ -8,6 +8,7 @@ with their scoring policy (4 sinks, the same window), so each sees what it would
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,7 +130,7 @@ def nll_with_policy(model: torch.nn.Module, data: HeldoutSet, policy: ScoringPol
 
 
 def threshold_sweep(model_name: str, adapter: str, control: str | None, thresholds: list[float], data: HeldoutSet,
-                    densities: list[float] = (), calibration: list[torch.Tensor] | None = None) -> dict[str, Any]:
+                    densities: Sequence[float] = (), calibration: list[torch.Tensor] | None = None) -> dict[str, Any]:
     """Held-out NLL of the base model, the dense control and SP-KV at each tau (with its density),
     then at each target density of `densities`, its tau calibrated on `calibration` (token ids of
     documents that are not in `data`: choosing tau on the evaluated documents would be choosing on
@@ -141,6 +142,8 @@ def threshold_sweep(model_name: str, adapter: str, control: str | None, threshol
 
     if densities and not calibration:
         raise ValueError("densities need calibration documents (token ids of documents outside the evaluated set)")
+    if any(not 0.0 < d <= 1.0 for d in densities):  # checked before the sweep's minutes, not after
+        raise ValueError(f"every target density must be in (0, 1], got {list(densities)}")
 
     rows = []
     base, _ = load_model(model_name)
